@@ -43,6 +43,7 @@ enum tracker_backend {
 #define TRACKER_CHUNK_WORDS (TRACKER_CHUNK_PAGES / 64u)
 
 #define TRACKER_RING_ENTRIES_DEFAULT 4096u
+#define TRACKER_RING_ENTRIES_MIN 256u /* one host page of 16-byte entries, the smallest KVM takes */
 #define TRACKER_RING_ENTRIES_MAX 65536u /* 1 MiB of 16-byte entries, the kernel's limit */
 #define TRACKER_MAX_SLOTS 64u
 #define TRACKER_MAX_VCPUS 1024u

@@ -126,6 +126,9 @@ static int validate_shape(int kvm_fd, const struct vm_config *cfg, struct vm_err
 	if (cfg->tracker.ring_entries > TRACKER_RING_ENTRIES_MAX)
 		return vm_err(err, -E2BIG, "dirty ring entries %u exceed the maximum %u",
 			      cfg->tracker.ring_entries, TRACKER_RING_ENTRIES_MAX);
+	if (cfg->tracker.ring_entries && cfg->tracker.ring_entries < TRACKER_RING_ENTRIES_MIN)
+		return vm_err(err, -EINVAL, "dirty ring entries %u below the minimum %u",
+			      cfg->tracker.ring_entries, TRACKER_RING_ENTRIES_MIN);
 	return 0;
 }
 
