@@ -151,7 +151,7 @@ static void debug_record(struct vcpu *v, uint32_t gpa)
 		atomic_store(&v->pages, rec.a[1]);
 		break;
 	case FERRY_DBG_ERROR:
-		atomic_fetch_add(&v->errors, 1);
+		/* Record first, count after: a waiter that sees the count finds the record. */
 		pthread_mutex_lock(&vm->lock);
 		if (vm->nr_errors < VM_ERRORS_KEPT)
 			vm->errors[vm->nr_errors++] = (struct vm_guest_error){
@@ -161,6 +161,7 @@ static void debug_record(struct vcpu *v, uint32_t gpa)
 				.expected = rec.a[2],
 				.found = rec.a[3],
 			};
+		atomic_fetch_add(&v->errors, 1);
 		pthread_mutex_unlock(&vm->lock);
 		break;
 	case FERRY_DBG_SLEEP:

@@ -32,9 +32,9 @@ static const char *const pattern_names[] = {"seq", "random", "hotcold"};
 struct picker {
 	uint64_t pattern;
 	uint64_t pages;
-	uint64_t hot_pages;    /* hotcold: pages [0, hot_pages) are hot */
-	uint64_t hot_thresh;   /* hotcold: a draw below this (of 2^32) goes to the hot part */
-	uint64_t next;         /* seq: next page */
+	uint64_t hot_pages;  /* hotcold: pages [0, hot_pages) are hot */
+	uint64_t hot_thresh; /* hotcold: a draw below this (of 2^32) goes to the hot part */
+	uint64_t next;       /* seq: next page */
 	uint64_t rng;
 };
 
@@ -70,7 +70,8 @@ void guest_main(uint32_t idx, struct ferry_bootinfo *bi)
 	uint64_t hot_pct = g_param_or(bi, "hot_pct", 10);
 	uint64_t hot_ratio = g_param_or(bi, "hot_ratio", 90);
 	if (pattern > PAT_HOTCOLD)
-		g_param_fail(idx, NAME, "pattern", pattern, "must be 0 (seq), 1 (random) or 2 (hotcold)");
+		g_param_fail(idx, NAME, "pattern", pattern,
+			     "must be 0 (seq), 1 (random) or 2 (hotcold)");
 	if (hot_pct < 1 || hot_pct > 100)
 		g_param_fail(idx, NAME, "hot_pct", hot_pct, "must be 1..100");
 	if (hot_ratio > 100)
@@ -107,9 +108,8 @@ void guest_main(uint32_t idx, struct ferry_bootinfo *bi)
 			/* The word offset walks with the counter (and the pass, for seq over a
 			 * multiple of 512 pages), so both value and position change. */
 			uint64_t word = (written ^ (written >> 9)) & (G_PAGE_WORDS - 1);
-			volatile uint64_t *w =
-				(volatile uint64_t *)(uintptr_t)(reg.base + pg * G_PAGE_SIZE) + word;
-			*w = ++written;
+			uintptr_t page = (uintptr_t)(reg.base + pg * G_PAGE_SIZE);
+			((volatile uint64_t *)page)[word] = ++written;
 			if (++in_pass == reg.pages) {
 				in_pass = 0;
 				g_dbg(FERRY_DBG_PROGRESS, idx, ++passes, written, 0, 0);

@@ -225,9 +225,10 @@ void g_dbg(uint16_t type, uint32_t vcpu, uint64_t a0, uint64_t a1, uint64_t a2, 
 	};
 	/* Stacks sit below 4 GiB (guest_abi.h), so the 32-bit port value is the full gpa. The
 	 * "m" input makes sure the record is in memory, not only in registers, at the out. */
+	uint32_t gpa = (uint32_t)(uintptr_t)&rec;
 	__asm__ volatile("outl %0, %1"
 			 :
-			 : "a"((uint32_t)(uintptr_t)&rec), "Nd"((uint16_t)FERRY_DEBUG_PORT), "m"(rec)
+			 : "a"(gpa), "Nd"((uint16_t)FERRY_DEBUG_PORT), "m"(rec)
 			 : "memory");
 }
 

@@ -43,8 +43,10 @@ void guest_main(uint32_t idx, struct ferry_bootinfo *bi)
 		while ((gen = bi->host_gen) == last)
 			g_pause();
 		last = gen;
-		for (uint64_t pg = offset; pg < reg.pages; pg += stride)
-			*(volatile uint8_t *)(uintptr_t)(reg.base + pg * G_PAGE_SIZE) = (uint8_t)gen;
+		for (uint64_t pg = offset; pg < reg.pages; pg += stride) {
+			uintptr_t page = (uintptr_t)(reg.base + pg * G_PAGE_SIZE);
+			*(volatile uint8_t *)page = (uint8_t)gen;
+		}
 		g_dbg(FERRY_DBG_DONE, idx, gen, 0, 0, 0);
 	}
 }
