@@ -19,12 +19,12 @@ cmake --build build -j"$(nproc)" --target ferry-vm >build/quickstart-build.log 2
 cat <<'MSG'
 
 ferry: starting a VM: 2 vCPUs, 512 MiB, built-in guest "dirtier" (each vCPU rewrites its
-       own 64 MiB working set at 20,000 pages/s, random pattern). The dirty tracker is the
+       own 64 MiB working set at 20,000 pages/s, sequentially). The dirty tracker is the
        KVM dirty ring; every half second ferry harvests it and prints the live dirty rate.
        Expect about 2 x 20,000 = 40,000 pages/s.
 
 MSG
 build/agent/ferry-vm --guest dirtier --memory 512M --vcpus 2 \
-  --param wss=64M --param pattern=random --param rate=20000 --seconds 6
+  --param wss=64M --param pattern=seq --param rate=20000 --seconds 6
 echo
 echo "ferry: done. Next: tests/run.sh runs the whole test suite."

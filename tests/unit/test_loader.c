@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static bool mem_is_zero(struct vm *vm, uint64_t gpa, uint64_t len)
 {
