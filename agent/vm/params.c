@@ -8,7 +8,7 @@
  * booted. Other guests get any well-formed key. Errors are -EINVAL, or -ERANGE for a
  * number past 2^64-1. Pure functions, no state.
  */
-#include "vm.h"
+#include "vm_internal.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -62,18 +62,6 @@ static const struct guest_spec guest_specs[] = {
 
 /* Symbolic values of pattern=, in the order of the dirtier's numeric codes. */
 static const char *const pattern_names[] = {"seq", "random", "hotcold"};
-
-__attribute__((format(printf, 3, 4))) static int fail(struct vm_error *err, int e,
-						       const char *fmt, ...)
-{
-	if (err) {
-		va_list ap;
-		va_start(ap, fmt);
-		vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
-		va_end(ap);
-	}
-	return e;
-}
 
 /*
  * Parses a whole string as a number with optional suffix. -EINVAL for anything that is not
@@ -192,19 +180,19 @@ int vm_param_parse(const char *guest, const char *kv, struct ferry_param *ret,
 		   struct vm_error *err)
 {
 	if (!kv || !ret)
-		return fail(err, -EINVAL, "no parameter given");
+		return vm_err(err, -EINVAL, "no parameter given");
 	const char *eq = strchr(kv, '=');
 	if (!eq)
-		return fail(err, -EINVAL, "parameter '%s': expected key=value", kv);
+		return vm_err(err, -EINVAL, "parameter '%s': expected key=value", kv);
 	size_t klen = (size_t)(eq - kv);
 	if (klen == 0)
-		return fail(err, -EINVAL, "parameter '%s': empty key", kv);
+		return vm_err(err, -EINVAL, "parameter '%s': empty key", kv);
 	if (klen >= FERRY_PARAM_KEY_MAX)
-		return fail(err, -EINVAL, "parameter '%.*s': key longer than %u characters",
+		return vm_err(err, -EINVAL, "parameter '%.*s': key longer than %u characters",
 			    (int)klen, kv, FERRY_PARAM_KEY_MAX - 1);
 	for (size_t i = 0; i < klen; i++)
 		if (!key_char_ok(kv[i]))
-			return fail(err, -EINVAL,
+			return vm_err(err, -EINVAL,
 				    "parameter '%.*s': keys use letters, digits, '_', '-', '.'",
 				    (int)klen, kv);
 	char key[FERRY_PARAM_KEY_MAX];
@@ -221,7 +209,7 @@ int vm_param_parse(const char *guest, const char *kv, struct ferry_param *ret,
 		if (!spec) {
 			char allowed[128];
 			allowed_keys(g, allowed, sizeof(allowed));
-			return fail(err, -EINVAL, "guest %s has no parameter '%s' (allowed: %s)",
+			return vm_err(err, -EINVAL, "guest %s has no parameter '%s' (allowed: %s)",
 				    g->guest, key, allowed);
 		}
 	}
@@ -232,13 +220,13 @@ int vm_param_parse(const char *guest, const char *kv, struct ferry_param *ret,
 	if (!symbolic) {
 		int r = parse_number(val, &v);
 		if (r == -ERANGE)
-			return fail(err, -ERANGE, "parameter %s: '%s' is too large", key, val);
+			return vm_err(err, -ERANGE, "parameter %s: '%s' is too large", key, val);
 		if (r < 0 && spec && spec->pattern)
-			return fail(err, -EINVAL,
+			return vm_err(err, -EINVAL,
 				    "parameter %s: '%s' is not seq, random, hotcold or 0..2", key,
 				    val);
 		if (r < 0)
-			return fail(err, -EINVAL,
+			return vm_err(err, -EINVAL,
 				    "parameter %s: '%s' is not a non-negative number "
 				    "(decimal or 0x hex, optional K/M/G/T suffix)",
 				    key, val);
@@ -247,13 +235,13 @@ int vm_param_parse(const char *guest, const char *kv, struct ferry_param *ret,
 	if (spec) {
 		if (v < spec->min || v > spec->max) {
 			if (spec->max == UINT64_MAX)
-				return fail(err, -EINVAL, "parameter %s=%s: must be at least %llu",
+				return vm_err(err, -EINVAL, "parameter %s=%s: must be at least %llu",
 					    key, val, (unsigned long long)spec->min);
-			return fail(err, -EINVAL, "parameter %s=%s: must be %llu..%llu", key, val,
+			return vm_err(err, -EINVAL, "parameter %s=%s: must be %llu..%llu", key, val,
 				    (unsigned long long)spec->min, (unsigned long long)spec->max);
 		}
 		if (v % spec->multiple)
-			return fail(err, -EINVAL, "parameter %s=%s: must be a multiple of %llu",
+			return vm_err(err, -EINVAL, "parameter %s=%s: must be a multiple of %llu",
 				    key, val, (unsigned long long)spec->multiple);
 	}
 

@@ -152,27 +152,9 @@ static void run_generation(struct vm *vm, uint64_t gen)
 	assert_int_equal(vm_pause(vm), 0);
 }
 
-static bool backend_present(enum tracker_backend b)
-{
-	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-	assert_true(kvm >= 0);
-	int vmfd = ioctl(kvm, KVM_CREATE_VM, 0);
-	assert_true(vmfd >= 0);
-	unsigned avail = tracker_backends_available(vmfd);
-	close(vmfd);
-	close(kvm);
-	return avail & (1u << b);
-}
-
 static void run_backend(enum tracker_backend backend)
 {
-	tu_require_kvm();
-	if (!backend_present(backend)) {
-		/* CI kernels have all three; run.sh flags a skip there. */
-		print_message("backend %s not offered by this kernel\n",
-			      tracker_backend_name(backend));
-		skip();
-	}
+	tu_require_backend(backend);
 
 	char wss[32], stride[32], offset[32];
 	snprintf(wss, sizeof(wss), "wss=%llu", WSS);

@@ -84,26 +84,9 @@ static void copy_pass(struct vm *vm, uint8_t **shadow, struct pass_stats *ps)
 	ps->passes++;
 }
 
-static bool backend_present(enum tracker_backend b)
-{
-	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-	assert_true(kvm >= 0);
-	int vmfd = ioctl(kvm, KVM_CREATE_VM, 0);
-	assert_true(vmfd >= 0);
-	unsigned avail = tracker_backends_available(vmfd);
-	close(vmfd);
-	close(kvm);
-	return avail & (1u << b);
-}
-
 static void run_backend(enum tracker_backend backend)
 {
-	tu_require_kvm();
-	if (!backend_present(backend)) {
-		print_message("backend %s not offered by this kernel\n",
-			      tracker_backend_name(backend));
-		skip();
-	}
+	tu_require_backend(backend);
 
 	char wss[32];
 	snprintf(wss, sizeof(wss), "wss=%llu", WSS);

@@ -4,6 +4,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/kvm.h>
+#include <sys/ioctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +20,23 @@ void tu_require_kvm(void)
 		exit(TU_SKIP);
 	}
 	close(fd);
+}
+
+void tu_require_backend(enum tracker_backend b)
+{
+	tu_require_kvm();
+	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	int vmfd = kvm >= 0 ? ioctl(kvm, KVM_CREATE_VM, 0) : -1;
+	unsigned avail = vmfd >= 0 ? tracker_backends_available(vmfd) : 0;
+	if (vmfd >= 0)
+		close(vmfd);
+	if (kvm >= 0)
+		close(kvm);
+	if (!(avail & (1u << b))) {
+		fprintf(stderr, "SKIP: dirty tracking backend %s not offered by this kernel\n",
+			tracker_backend_name(b));
+		exit(TU_SKIP);
+	}
 }
 
 uint64_t tu_now_ns(void)

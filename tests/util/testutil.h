@@ -19,6 +19,8 @@
 
 /* Exits 77 when /dev/kvm cannot be opened. */
 void tu_require_kvm(void);
+/* Exits 77 (a skip, which tests/run.sh fails under CI) unless KVM offers backend b. */
+void tu_require_backend(enum tracker_backend b);
 uint64_t tu_now_ns(void);
 
 /*
