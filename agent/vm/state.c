@@ -7,7 +7,8 @@
  * checksum, every section's size, presence and shape against the target VM) before it
  * issues a single SET ioctl, so a bad blob leaves the target exactly as it was. The
  * restore order follows QEMU's: sregs, regs, xsave/fpu, xcrs, msrs, events, mp_state,
- * lapic, debugregs per vCPU, then the VM's interrupt controllers, kvmclock last.
+ * lapic (then the TSC deadline again), debugregs per vCPU, then the VM's interrupt
+ * controllers, kvmclock last.
  */
 #include "vm_internal.h"
 
@@ -27,10 +28,10 @@
 #define STATE_VCPU_NONE 0xffffffffu
 
 /* Header flags: which optional sections the blob carries. */
-#define STATE_F_XSAVE (1u << 0)   /* every vCPU has XSAVE (else FPU) */
-#define STATE_F_XCRS (1u << 1)    /* every vCPU has XCRS */
+#define STATE_F_XSAVE (1u << 0)	  /* every vCPU has XSAVE (else FPU) */
+#define STATE_F_XCRS (1u << 1)	  /* every vCPU has XCRS */
 #define STATE_F_IRQCHIP (1u << 2) /* in-kernel irqchip: LAPIC per vCPU, PIC x2 + IOAPIC */
-#define STATE_F_PIT (1u << 3)     /* in-kernel PIT */
+#define STATE_F_PIT (1u << 3)	  /* in-kernel PIT */
 #define STATE_F_ALL (STATE_F_XSAVE | STATE_F_XCRS | STATE_F_IRQCHIP | STATE_F_PIT)
 
 /*
@@ -40,6 +41,7 @@
 #define STATE_XSAVE_MAX (1u << 20)
 /* KVM_GET/SET_MSRS refuse nmsrs >= 256 (MAX_IO_MSRS), so MSRs move in chunks. */
 #define MSR_CHUNK 255u
+#define MSR_IA32_TSC_DEADLINE 0x6e0u
 
 enum sec_type {
 	SEC_VM = 1,
@@ -78,21 +80,20 @@ struct sec_desc {
 };
 
 static const struct sec_desc sec_descs[] = {
-	{ SEC_VM, "VM", false, SEC_VM_SIZE, 0, 0, 1 },
-	{ SEC_CLOCK, "CLOCK", false, sizeof(struct kvm_clock_data), 0, 0, 1 },
-	{ SEC_IRQCHIP, "IRQCHIP", false, sizeof(struct kvm_irqchip), STATE_F_IRQCHIP, 0,
-	  NR_IRQCHIPS },
-	{ SEC_PIT, "PIT", false, sizeof(struct kvm_pit_state2), STATE_F_PIT, 0, 1 },
-	{ SEC_REGS, "REGS", true, sizeof(struct kvm_regs), 0, 0, 1 },
-	{ SEC_SREGS, "SREGS", true, sizeof(struct kvm_sregs), 0, 0, 1 },
-	{ SEC_FPU, "FPU", true, sizeof(struct kvm_fpu), 0, STATE_F_XSAVE, 1 },
-	{ SEC_XSAVE, "XSAVE", true, 0, STATE_F_XSAVE, 0, 1 },
-	{ SEC_XCRS, "XCRS", true, sizeof(struct kvm_xcrs), STATE_F_XCRS, 0, 1 },
-	{ SEC_MSRS, "MSRS", true, 0, 0, 0, 1 },
-	{ SEC_EVENTS, "EVENTS", true, sizeof(struct kvm_vcpu_events), 0, 0, 1 },
-	{ SEC_MP_STATE, "MP_STATE", true, sizeof(struct kvm_mp_state), 0, 0, 1 },
-	{ SEC_DEBUGREGS, "DEBUGREGS", true, sizeof(struct kvm_debugregs), 0, 0, 1 },
-	{ SEC_LAPIC, "LAPIC", true, sizeof(struct kvm_lapic_state), STATE_F_IRQCHIP, 0, 1 },
+    {SEC_VM, "VM", false, SEC_VM_SIZE, 0, 0, 1},
+    {SEC_CLOCK, "CLOCK", false, sizeof(struct kvm_clock_data), 0, 0, 1},
+    {SEC_IRQCHIP, "IRQCHIP", false, sizeof(struct kvm_irqchip), STATE_F_IRQCHIP, 0, NR_IRQCHIPS},
+    {SEC_PIT, "PIT", false, sizeof(struct kvm_pit_state2), STATE_F_PIT, 0, 1},
+    {SEC_REGS, "REGS", true, sizeof(struct kvm_regs), 0, 0, 1},
+    {SEC_SREGS, "SREGS", true, sizeof(struct kvm_sregs), 0, 0, 1},
+    {SEC_FPU, "FPU", true, sizeof(struct kvm_fpu), 0, STATE_F_XSAVE, 1},
+    {SEC_XSAVE, "XSAVE", true, 0, STATE_F_XSAVE, 0, 1},
+    {SEC_XCRS, "XCRS", true, sizeof(struct kvm_xcrs), STATE_F_XCRS, 0, 1},
+    {SEC_MSRS, "MSRS", true, 0, 0, 0, 1},
+    {SEC_EVENTS, "EVENTS", true, sizeof(struct kvm_vcpu_events), 0, 0, 1},
+    {SEC_MP_STATE, "MP_STATE", true, sizeof(struct kvm_mp_state), 0, 0, 1},
+    {SEC_DEBUGREGS, "DEBUGREGS", true, sizeof(struct kvm_debugregs), 0, 0, 1},
+    {SEC_LAPIC, "LAPIC", true, sizeof(struct kvm_lapic_state), STATE_F_IRQCHIP, 0, 1},
 };
 #define NR_SEC_DESCS (sizeof(sec_descs) / sizeof(sec_descs[0]))
 
@@ -185,7 +186,7 @@ static void put_section(struct wire_writer *w, uint32_t type, uint32_t vcpu, con
  */
 static int msr_index_list(const struct vm *vm, struct kvm_msr_list **ret, struct vm_error *err)
 {
-	struct kvm_msr_list probe = { .nmsrs = 0 };
+	struct kvm_msr_list probe = {.nmsrs = 0};
 	int r = xioctl(vm->kvm_fd, KVM_GET_MSR_INDEX_LIST, &probe);
 	if (r < 0 && r != -E2BIG)
 		return vm_err(err, r, "KVM_GET_MSR_INDEX_LIST: %s", strerror(-r));
@@ -256,13 +257,13 @@ static int save_vcpu(struct vm *vm, unsigned i, const struct caps *c, uint32_t *
 		struct kvm_lapic_state lapic;
 	} u;
 
-#define SAVE_FIXED(ioc, field, type)                                                         \
-	do {                                                                                 \
-		memset(&u, 0, sizeof(u));                                                    \
-		r = xioctl(fd, ioc, &u.field);                                               \
-		if (r < 0)                                                                   \
-			return vm_err(err, r, "vCPU %u: " #ioc ": %s", i, strerror(-r));     \
-		put_section(w, type, i, &u.field, sizeof(u.field));                          \
+#define SAVE_FIXED(ioc, field, type)                                                               \
+	do {                                                                                       \
+		memset(&u, 0, sizeof(u));                                                          \
+		r = xioctl(fd, ioc, &u.field);                                                     \
+		if (r < 0)                                                                         \
+			return vm_err(err, r, "vCPU %u: " #ioc ": %s", i, strerror(-r));           \
+		put_section(w, type, i, &u.field, sizeof(u.field));                                \
 	} while (0)
 
 	SAVE_FIXED(KVM_GET_REGS, regs, SEC_REGS);
@@ -270,8 +271,8 @@ static int save_vcpu(struct vm *vm, unsigned i, const struct caps *c, uint32_t *
 	if (c->xsave) {
 		memset(xsave_buf, 0, c->xsave_size);
 		/* KVM_GET_XSAVE copies only 4 KiB; anything bigger needs XSAVE2. */
-		unsigned long ioc = c->xsave_size > sizeof(struct kvm_xsave) ? KVM_GET_XSAVE2
-									     : KVM_GET_XSAVE;
+		unsigned long ioc =
+		    c->xsave_size > sizeof(struct kvm_xsave) ? KVM_GET_XSAVE2 : KVM_GET_XSAVE;
 		r = xioctl(fd, ioc, xsave_buf);
 		if (r < 0)
 			return vm_err(err, r, "vCPU %u: KVM_GET_XSAVE%s: %s", i,
@@ -307,8 +308,7 @@ static int save_vcpu(struct vm *vm, unsigned i, const struct caps *c, uint32_t *
 }
 
 /* The VM-wide sections: shape, interrupt controllers, kvmclock. */
-static int save_vm_wide(struct vm *vm, uint32_t flags, struct wire_writer *w,
-			struct vm_error *err)
+static int save_vm_wide(struct vm *vm, uint32_t flags, struct wire_writer *w, struct vm_error *err)
 {
 	int r;
 	wire_put_u32(w, SEC_VM);
@@ -326,8 +326,7 @@ static int save_vm_wide(struct vm *vm, uint32_t flags, struct wire_writer *w,
 			ic.chip_id = chip;
 			r = xioctl(vm->vm_fd, KVM_GET_IRQCHIP, &ic);
 			if (r < 0)
-				return vm_err(err, r, "KVM_GET_IRQCHIP %u: %s", chip,
-					      strerror(-r));
+				return vm_err(err, r, "KVM_GET_IRQCHIP %u: %s", chip, strerror(-r));
 			put_section(w, SEC_IRQCHIP, STATE_VCPU_NONE, &ic, sizeof(ic));
 		}
 	}
@@ -460,9 +459,10 @@ static int check_section(struct parsed *p, const struct sec_desc *d, uint32_t vc
 		p->shape_mem = wire_get_u64(&r);
 		p->shape_tsc_khz = wire_get_u64(&r);
 		if (irqchip > 1 || !irqchip != !(p->flags & STATE_F_IRQCHIP))
-			return vm_err(err, -EBADMSG,
-				      "corrupt state: VM section irqchip=%u disagrees with flags 0x%x",
-				      irqchip, p->flags);
+			return vm_err(
+			    err, -EBADMSG,
+			    "corrupt state: VM section irqchip=%u disagrees with flags 0x%x",
+			    irqchip, p->flags);
 		if (p->shape_vcpus != p->nr_vcpus)
 			return vm_err(err, -EBADMSG,
 				      "corrupt state: VM section says %u vCPUs, header %u",
@@ -488,7 +488,8 @@ static int check_section(struct parsed *p, const struct sec_desc *d, uint32_t vc
 	case SEC_XSAVE:
 		if (len < sizeof(struct kvm_xsave) || len > STATE_XSAVE_MAX || len % 4)
 			return vm_err(err, -EBADMSG,
-				      "corrupt state: vCPU %u XSAVE section of %u bytes", vcpu, len);
+				      "corrupt state: vCPU %u XSAVE section of %u bytes", vcpu,
+				      len);
 		break;
 	case SEC_XCRS: {
 		uint32_t nr = wire_get_u32(&r);
@@ -533,28 +534,32 @@ static int parse_sections(struct parsed *p, struct wire_reader *r, struct vm_err
 		uint32_t len = wire_get_u32(r);
 		if (r->err)
 			return vm_err(err, -EBADMSG,
-				      "truncated state: section header at offset %zu cut short", off);
+				      "truncated state: section header at offset %zu cut short",
+				      off);
 		const struct sec_desc *d = sec_desc_of(type);
 		if (!d)
 			return vm_err(err, -EBADMSG,
 				      "corrupt state: unknown section type %u at offset %zu", type,
 				      off);
 		if (len > wire_remaining(r))
-			return vm_err(err, -EBADMSG,
-				      "truncated state: %s section at offset %zu claims %u bytes, %zu remain",
-				      d->name, off, len, wire_remaining(r));
+			return vm_err(
+			    err, -EBADMSG,
+			    "truncated state: %s section at offset %zu claims %u bytes, %zu remain",
+			    d->name, off, len, wire_remaining(r));
 		if (d->size && len != d->size)
-			return vm_err(err, -EBADMSG,
-				      "corrupt state: %s section at offset %zu has %u bytes, expected %u",
-				      d->name, off, len, d->size);
+			return vm_err(
+			    err, -EBADMSG,
+			    "corrupt state: %s section at offset %zu has %u bytes, expected %u",
+			    d->name, off, len, d->size);
 		if (d->per_vcpu ? vcpu >= p->nr_vcpus : vcpu != STATE_VCPU_NONE)
 			return vm_err(err, -EBADMSG,
 				      "corrupt state: %s section at offset %zu for vCPU %u (of %u)",
 				      d->name, off, vcpu, p->nr_vcpus);
 		if (!sec_required(d, p->flags))
-			return vm_err(err, -EBADMSG,
-				      "corrupt state: %s section at offset %zu not expected with flags 0x%x",
-				      d->name, off, p->flags);
+			return vm_err(
+			    err, -EBADMSG,
+			    "corrupt state: %s section at offset %zu not expected with flags 0x%x",
+			    d->name, off, p->flags);
 		const uint8_t *pl = wire_get_view(r, len);
 		struct sec_view *slot = NULL;
 		int e = check_section(p, d, vcpu, pl, len, &slot, err);
@@ -564,7 +569,7 @@ static int parse_sections(struct parsed *p, struct wire_reader *r, struct vm_err
 			return vm_err(err, -EBADMSG,
 				      "corrupt state: duplicate %s section at offset %zu (vCPU %u)",
 				      d->name, off, vcpu);
-		*slot = (struct sec_view){ .p = pl, .len = len, .present = true };
+		*slot = (struct sec_view){.p = pl, .len = len, .present = true};
 	}
 	if (r->err)
 		return vm_err(err, -EBADMSG, "truncated state");
@@ -622,12 +627,12 @@ static int parse_blob(const void *blob, size_t len, struct parsed *p, struct vm_
 	if (p->flags & ~STATE_F_ALL)
 		return vm_err(err, -EBADMSG, "corrupt state: unknown flags 0x%x", p->flags);
 	if (reserved)
-		return vm_err(err, -EBADMSG, "corrupt state: reserved header field 0x%x",
-			      reserved);
+		return vm_err(err, -EBADMSG, "corrupt state: reserved header field 0x%x", reserved);
 	if (payload_len != len - STATE_HDR_SIZE)
-		return vm_err(err, -EBADMSG,
-			      "truncated or corrupt state: header announces %llu payload bytes, blob has %zu",
-			      (unsigned long long)payload_len, len - STATE_HDR_SIZE);
+		return vm_err(
+		    err, -EBADMSG,
+		    "truncated or corrupt state: header announces %llu payload bytes, blob has %zu",
+		    (unsigned long long)payload_len, len - STATE_HDR_SIZE);
 	const uint8_t *payload = (const uint8_t *)blob + STATE_HDR_SIZE;
 	uint64_t actual = wire_fnv1a64(payload, payload_len);
 	if (actual != csum)
@@ -652,8 +657,7 @@ static int check_shape(const struct vm *vm, const struct parsed *p, const struct
 		return vm_err(err, -EINVAL, "state is for %u vCPUs, VM %s has %u", p->shape_vcpus,
 			      vm->cfg.name, vm->cfg.vcpus);
 	if (p->shape_mem != vm->cfg.mem_size)
-		return vm_err(err, -EINVAL,
-			      "state is for %llu bytes of memory, VM %s has %llu",
+		return vm_err(err, -EINVAL, "state is for %llu bytes of memory, VM %s has %llu",
 			      (unsigned long long)p->shape_mem, vm->cfg.name,
 			      (unsigned long long)vm->cfg.mem_size);
 	if (p->shape_irqchip != vm->cfg.irqchip)
@@ -682,8 +686,7 @@ static int check_shape(const struct vm *vm, const struct parsed *p, const struct
  * KVM_SET_MSRS also stops at the first MSR it refuses and returns how many it set; skip
  * that one and go on, so one MSR this host does not take costs only itself.
  */
-static int write_msrs(int fd, const struct sec_view *s, struct kvm_msrs *buf,
-		      unsigned *skipped)
+static int write_msrs(int fd, const struct sec_view *s, struct kvm_msrs *buf, unsigned *skipped)
 {
 	struct wire_reader r;
 	wire_reader_init(&r, s->p, s->len);
@@ -715,6 +718,37 @@ static int write_msrs(int fd, const struct sec_view *s, struct kvm_msrs *buf,
 	return 0;
 }
 
+/*
+ * KVM drops a TSC-deadline MSR write while the LAPIC timer is not in deadline mode, which
+ * it is not before KVM_SET_LAPIC; so, like QEMU, write that one MSR again after the LAPIC.
+ */
+static int rewrite_tsc_deadline(int fd, const struct sec_view *s, struct kvm_msrs *buf,
+				unsigned *skipped)
+{
+	struct wire_reader r;
+	wire_reader_init(&r, s->p, s->len);
+	uint32_t n = wire_get_u32(&r);
+	wire_get_u32(&r);
+	for (uint32_t m = 0; m < n; m++) {
+		uint32_t index = wire_get_u32(&r);
+		wire_get_u32(&r);
+		uint64_t data = wire_get_u64(&r);
+		if (index != MSR_IA32_TSC_DEADLINE)
+			continue;
+		memset(buf, 0, sizeof(*buf) + sizeof(buf->entries[0]));
+		buf->nmsrs = 1;
+		buf->entries[0].index = index;
+		buf->entries[0].data = data;
+		int e = xioctl(fd, KVM_SET_MSRS, buf);
+		if (e < 0)
+			return e;
+		if (e != 1)
+			(*skipped)++;
+		break;
+	}
+	return 0;
+}
+
 static int restore_vcpu(struct vm *vm, unsigned i, struct parsed *p, const struct caps *c,
 			struct kvm_msrs *msr_buf, void *xsave_buf, unsigned *skipped,
 			struct vm_error *err)
@@ -733,15 +767,15 @@ static int restore_vcpu(struct vm *vm, unsigned i, struct parsed *p, const struc
 	} u;
 
 	/* Copies out of the (maybe unaligned) blob into an aligned struct, then sets it. */
-#define RESTORE_FIXED(ioc, field, type, fixup)                                               \
-	do {                                                                                 \
-		const struct sec_view *s = vcpu_slot(p, i, type);                            \
-		memset(&u, 0, sizeof(u));                                                    \
-		memcpy(&u.field, s->p, sizeof(u.field));                                     \
-		fixup;                                                                       \
-		r = xioctl(fd, ioc, &u.field);                                               \
-		if (r < 0)                                                                   \
-			return vm_err(err, r, "vCPU %u: " #ioc ": %s", i, strerror(-r));     \
+#define RESTORE_FIXED(ioc, field, type, fixup)                                                     \
+	do {                                                                                       \
+		const struct sec_view *s = vcpu_slot(p, i, type);                                  \
+		memset(&u, 0, sizeof(u));                                                          \
+		memcpy(&u.field, s->p, sizeof(u.field));                                           \
+		fixup;                                                                             \
+		r = xioctl(fd, ioc, &u.field);                                                     \
+		if (r < 0)                                                                         \
+			return vm_err(err, r, "vCPU %u: " #ioc ": %s", i, strerror(-r));           \
 	} while (0)
 
 	RESTORE_FIXED(KVM_SET_SREGS, sregs, SEC_SREGS, );
@@ -766,11 +800,16 @@ static int restore_vcpu(struct vm *vm, unsigned i, struct parsed *p, const struc
 	/* GET leaves these two validity flags clear; without them SET would drop a pending
 	 * NMI and the SIPI vector (QEMU sets them the same way). */
 	RESTORE_FIXED(KVM_SET_VCPU_EVENTS, events, SEC_EVENTS,
-		      u.events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING |
-					KVM_VCPUEVENT_VALID_SIPI_VECTOR);
+		      u.events.flags |=
+		      KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR);
 	RESTORE_FIXED(KVM_SET_MP_STATE, mp, SEC_MP_STATE, );
-	if (p->flags & STATE_F_IRQCHIP)
+	if (p->flags & STATE_F_IRQCHIP) {
 		RESTORE_FIXED(KVM_SET_LAPIC, lapic, SEC_LAPIC, );
+		r = rewrite_tsc_deadline(fd, vcpu_slot(p, i, SEC_MSRS), msr_buf, skipped);
+		if (r < 0)
+			return vm_err(err, r, "vCPU %u: KVM_SET_MSRS (TSC deadline): %s", i,
+				      strerror(-r));
+	}
 	RESTORE_FIXED(KVM_SET_DEBUGREGS, dbg, SEC_DEBUGREGS, );
 #undef RESTORE_FIXED
 	return 0;
@@ -848,7 +887,10 @@ int vm_state_restore(struct vm *vm, const void *blob, size_t len, struct vm_erro
 	if (r < 0)
 		goto out_free;
 
+	/* vm_start() reads loaded under the lock. */
+	pthread_mutex_lock(&vm->lock);
 	vm->loaded = true;
+	pthread_mutex_unlock(&vm->lock);
 	/* The count of MSRs this host refused, for the caller to log. */
 	r = (int)skipped;
 

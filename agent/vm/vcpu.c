@@ -258,13 +258,39 @@ static bool handle_exit(struct vcpu *v)
 	}
 }
 
+/*
+ * KVM finishes an IN/OUT or MMIO instruction (advances RIP, stores IN data) only on the next
+ * KVM_RUN. Before a vCPU parks — where its state may be saved — run it once with
+ * immediate_exit set, which completes the instruction and returns at once.
+ */
+static void complete_pending_io(struct vcpu *v)
+{
+	__atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+	while (ioctl(v->fd, KVM_RUN, 0) == 0) {
+		/* Entered the guest anyway (cannot happen with immediate_exit): dispatch it. */
+		handle_exit(v);
+	}
+	__atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+}
+
+static bool should_park(struct vm *vm)
+{
+	pthread_mutex_lock(&vm->lock);
+	bool park = vm->stopping || !vm->want_run;
+	pthread_mutex_unlock(&vm->lock);
+	return park;
+}
+
 static void *vcpu_thread(void *arg)
 {
 	struct vcpu *v = arg;
 	struct vm *vm = v->vm;
-	bool halted = false;
+	bool halted = false, io_pending = false;
 
 	for (;;) {
+		if (io_pending && should_park(vm))
+			complete_pending_io(v);
+		io_pending = false;
 		pthread_mutex_lock(&vm->lock);
 		if (halted && vm->want_run && !vm->stopping) {
 			/* Halted: stay parked until the VM is paused (and resumed) or stopped. */
@@ -302,8 +328,10 @@ static void *vcpu_thread(void *arg)
 			continue;
 		}
 		atomic_fetch_add(&v->exits, 1);
+		uint32_t reason = v->run->exit_reason;
 		if (!handle_exit(v))
 			halted = true;
+		io_pending = reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO;
 	}
 	return NULL;
 }

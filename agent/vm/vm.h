@@ -139,11 +139,11 @@ unsigned vm_guest_errors(const struct vm *vm, struct vm_guest_error *ret, unsign
 int vm_wait(struct vm *vm, bool (*pred)(struct vm *vm, void *arg), void *arg, int timeout_ms);
 
 /*
- * State save and restore (state.c). The VM must be paused (or never started, for restore).
- * vm_state_save() returns a malloc'd blob in the versioned format of docs/architecture.md;
+ * State save and restore (state.c). The VM must be paused (or never started), else -EBUSY.
+ * vm_state_save() returns a malloc'd blob in the versioned format of docs/state-format.md;
  * vm_state_restore() validates all of it before touching any vCPU: -EBADMSG for a truncated
  * or corrupt blob, -EPROTONOSUPPORT for another version, -EINVAL for a blob whose shape does
- * not match this VM.
+ * not match this VM. On success it returns the number of MSRs the target refused (>= 0).
  */
 int vm_state_save(struct vm *vm, void **ret_blob, size_t *ret_len, struct vm_error *err);
 int vm_state_restore(struct vm *vm, const void *blob, size_t len, struct vm_error *err);

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* cmocka needs the headers above first. */
 #include <cmocka.h>
 
 #include "transport/wire.h"
@@ -34,8 +36,8 @@ static void test_roundtrip_le(void **state)
 	assert_null(w.buf);
 	assert_int_equal(w.len, 0);
 
-	static const uint8_t want[] = { 0xa1, 0xc3, 0xb2, 0x07, 0xf6, 0xe5, 0xd4, 0x08, 0x07,
-					0x06, 0x05, 0x04, 0x03, 0x02, 0x01, 'x', 'y', 'z' };
+	static const uint8_t want[] = {0xa1, 0xc3, 0xb2, 0x07, 0xf6, 0xe5, 0xd4, 0x08, 0x07,
+				       0x06, 0x05, 0x04, 0x03, 0x02, 0x01, 'x',	 'y',  'z'};
 	assert_memory_equal(buf, want, sizeof(want));
 
 	struct wire_reader r;
@@ -118,7 +120,8 @@ static void test_reserve_and_patch(void **state)
 	assert_non_null(p);
 	wire_put_bytes(&w, "abcdef", 6);
 	wire_patch_u32(&w, off, 0x11223344);
-	static const uint8_t want[] = { 0xff, 0xff, 0x44, 0x33, 0x22, 0x11, 'a', 'b', 'c', 'd', 'e', 'f' };
+	static const uint8_t want[] = {0xff, 0xff, 0x44, 0x33, 0x22, 0x11,
+				       'a',  'b',  'c',	 'd',  'e',  'f'};
 	assert_int_equal(w.len, sizeof(want));
 	assert_memory_equal(w.buf, want, sizeof(want));
 
@@ -137,7 +140,7 @@ static void test_reserve_and_patch(void **state)
 static void test_reader_bounds_sticky(void **state)
 {
 	(void)state;
-	static const uint8_t buf[] = { 1, 2, 3, 4, 5, 6 };
+	static const uint8_t buf[] = {1, 2, 3, 4, 5, 6};
 	struct wire_reader r;
 	wire_reader_init(&r, buf, sizeof(buf));
 	assert_int_equal(wire_get_u32(&r), 0x04030201);
@@ -157,10 +160,10 @@ static void test_reader_bounds_sticky(void **state)
 static void test_reader_get_bytes_short(void **state)
 {
 	(void)state;
-	static const uint8_t buf[] = { 9, 8, 7 };
+	static const uint8_t buf[] = {9, 8, 7};
 	struct wire_reader r;
 	wire_reader_init(&r, buf, sizeof(buf));
-	uint8_t out[4] = { 0xee, 0xee, 0xee, 0xee };
+	uint8_t out[4] = {0xee, 0xee, 0xee, 0xee};
 	wire_get_bytes(&r, out, 4);
 	assert_int_equal(r.err, -EBADMSG);
 	/* Nothing copied on a short buffer. */
@@ -171,7 +174,7 @@ static void test_reader_get_bytes_short(void **state)
 static void test_reader_view(void **state)
 {
 	(void)state;
-	static const uint8_t buf[] = { 1, 2, 3, 4, 5 };
+	static const uint8_t buf[] = {1, 2, 3, 4, 5};
 	struct wire_reader r;
 	wire_reader_init(&r, buf, sizeof(buf));
 	const uint8_t *v = wire_get_view(&r, 2);
@@ -255,17 +258,17 @@ static void test_fnv1a64_vectors(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_roundtrip_le),
-		cmocka_unit_test(test_writer_grows),
-		cmocka_unit_test(test_writer_enomem_sticky),
-		cmocka_unit_test(test_empty_take),
-		cmocka_unit_test(test_reserve_and_patch),
-		cmocka_unit_test(test_reader_bounds_sticky),
-		cmocka_unit_test(test_reader_get_bytes_short),
-		cmocka_unit_test(test_reader_view),
-		cmocka_unit_test(test_reader_null_buffer),
-		cmocka_unit_test(test_every_truncation),
-		cmocka_unit_test(test_fnv1a64_vectors),
+	    cmocka_unit_test(test_roundtrip_le),
+	    cmocka_unit_test(test_writer_grows),
+	    cmocka_unit_test(test_writer_enomem_sticky),
+	    cmocka_unit_test(test_empty_take),
+	    cmocka_unit_test(test_reserve_and_patch),
+	    cmocka_unit_test(test_reader_bounds_sticky),
+	    cmocka_unit_test(test_reader_get_bytes_short),
+	    cmocka_unit_test(test_reader_view),
+	    cmocka_unit_test(test_reader_null_buffer),
+	    cmocka_unit_test(test_every_truncation),
+	    cmocka_unit_test(test_fnv1a64_vectors),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
