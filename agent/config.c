@@ -121,6 +121,7 @@ static const struct section tls_section = {"tls", tls_keys, NKEYS(tls_keys)};
 static const struct key top_keys[] = {
 	{.name = "name", .kind = K_NAME, .off = OFF(name)},
 	{.name = "log_level", .kind = K_ENUM, .off = OFF(log_level), .names = log_level_names},
+	{.name = "state_dir", .kind = K_PATH, .off = OFF(state_dir), .size = SIZE(state_dir)},
 	{.name = "control", .kind = K_SECTION, .sub = &control_section},
 	{.name = "migration", .kind = K_SECTION, .sub = &migration_section},
 	{.name = "limits", .kind = K_SECTION, .sub = &limits_section},
@@ -149,6 +150,7 @@ void ferry_config_defaults(struct ferry_config *c)
 	if (gethostname(c->name, sizeof(c->name) - 1) < 0 || !c->name[0])
 		snprintf(c->name, sizeof(c->name), "ferryd");
 	c->log_level = FERRY_CONFIG_LOG_INFO;
+	snprintf(c->state_dir, sizeof(c->state_dir), "/var/lib/ferry");
 	snprintf(c->control.socket, sizeof(c->control.socket), "/run/ferry/ferryd.sock");
 	snprintf(c->migration.listen.host, sizeof(c->migration.listen.host), "0.0.0.0");
 	c->migration.listen.port = 7000;

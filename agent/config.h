@@ -88,6 +88,7 @@ struct ferry_config_tls {
 struct ferry_config {
 	char name[FERRY_CONFIG_NAME_MAX + 1];
 	enum ferry_config_log_level log_level;
+	char state_dir[PATH_MAX]; /* durable agent state (migration decisions) */
 	struct ferry_config_control control;
 	struct ferry_config_migration migration;
 	struct ferry_config_limits limits;

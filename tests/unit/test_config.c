@@ -270,7 +270,7 @@ static const struct bad bad_cases[] = {
 	{"migration:\n  bandwith: 1G\n", "2:3",
 	 "unknown key 'bandwith' in 'migration'; did you mean 'bandwidth'? (known: listen, "
 	 "downtime_ms, bandwidth, streams, transport, verify, queue_depth, batch_pages)"},
-	{"foo: 1\n", "1:1", "unknown key 'foo' at the top level (known: name, log_level, control"},
+	{"foo: 1\n", "1:1", "unknown key 'foo' at the top level (known: name, log_level, state_dir, control"},
 	{"Migration:\n  streams: 2\n", "1:1", "did you mean 'migration'?"},
 	{"tls:\n  crt: /a\n", "2:3", "unknown key 'crt' in 'tls'; did you mean 'cert'?"},
 	{"limits:\n  <<: {max_vms: 1}\n", "2:3", "unknown key '<<' in 'limits'"},

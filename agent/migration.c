@@ -1,0 +1,1637 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * Migration jobs, both directions, and the handoff of DESIGN.md.
+ *
+ * Source (one thread "mig-N" per outgoing migration): connect, HELLO/WELCOME, VM_OFFER/
+ * VM_ACCEPT, open the data streams, start dirty tracking with every page dirty, then
+ * precopy rounds: harvest, take the dirty chunks (re-protected as they are taken), send
+ * them as page runs, close the round with a fence and ROUND_END, measure, and switch over
+ * when remaining bytes / measured bandwidth fits the downtime target (or on request).
+ * Switch-over: pause (kicks every vCPU), final harvest, last pages, STATE, COMMIT_REQ; on
+ * COMMITTED the source deletes its copy. Before COMMIT_REQ any fault or cancel resumes the
+ * VM here. After COMMIT_REQ the decision is the destination's: a lost connection leaves
+ * the VM paused (UNCERTAIN) while the source asks the destination, with backoff, what it
+ * decided; only NOT_RUN or UNKNOWN lets it resume.
+ *
+ * Destination (one thread per incoming migration, started by the listener on HELLO):
+ * create the VM with no guest, register its memory with the data path, acknowledge, then
+ * apply ROUND_END/STATE/COMMIT_REQ each after its fence; verify digests when asked,
+ * restore the state, record the decision RUN before answering, start the vCPUs, answer
+ * COMMITTED. Any fault before the decision discards the VM.
+ *
+ * Locks: agent->lock guards the migration list and VM holds; m->lock guards m->info, the
+ * request flags (cancel, switchover) and the destination's decision.
+ */
+#include "agent/agent_internal.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <openssl/evp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "scheduler/scheduler.h"
+#include "transport/transport.h"
+
+#define CTL_TIMEOUT_MS 30000
+#define OFFER_TIMEOUT_MS 120000 /* the destination may need to allocate a big VM */
+#define FENCE_TIMEOUT_MS 120000
+#define DEST_IDLE_TIMEOUT_MS 300000
+#define FIRST_FRAME_TIMEOUT_MS 5000
+#define STATE_TIME_MS 5.0      /* estimate of state transfer in the downtime forecast */
+#define TAKE_GROUP_CHUNKS 16u  /* chunks taken (re-protected) per send: 256 MiB */
+#define DECISIONS_KEPT 256u
+#define DECISION_RETENTION_S (24 * 3600)
+#define UNCERTAIN_BACKOFF_MAX_MS 5000
+
+struct migration {
+	struct migration *next; /* agent->migrations, under agent->lock */
+	struct agent *a;
+	uint64_t id;
+	bool incoming;
+	struct migration_request req;
+	struct agent_vm *vm; /* reference held while the job runs */
+	pthread_t thread;
+	bool thread_started;
+	bool done; /* thread finished its work (under agent->lock) */
+
+	pthread_mutex_t lock; /* guards info, cancel, switchover, decision */
+	struct migration_info info;
+	bool cancel;
+	bool switchover;
+	bool committed; /* source: COMMIT_REQ sent, cancel no longer possible */
+	enum proto_decided decision; /* destination */
+
+	struct xctl *ctl;          /* set once, then used by the job thread only */
+	struct xport_src *src;     /* source */
+	struct xport_dst *dst;     /* destination */
+	uint8_t token[PROTO_TOKEN_LEN];
+	uint64_t remote_id;        /* destination: the source's id */
+	struct proto_hello hello;  /* destination: what the source offered */
+};
+
+struct decision_rec {
+	uint64_t remote_id;
+	uint8_t token[PROTO_TOKEN_LEN];
+	enum proto_decided decision;
+};
+
+const char *migration_state_name(enum migration_state s)
+{
+	static const char *const names[] = {
+		[MIG_QUEUED] = "queued",
+		[MIG_SETUP] = "setup",
+		[MIG_PRECOPY] = "precopy",
+		[MIG_SWITCHOVER] = "switchover",
+		[MIG_COMMITTING] = "committing",
+		[MIG_UNCERTAIN] = "uncertain",
+		[MIG_COMPLETED] = "completed",
+		[MIG_CANCELLED] = "cancelled",
+		[MIG_FAILED] = "failed",
+		[MIG_RECEIVING] = "receiving",
+		[MIG_DEST_READY] = "dest_ready",
+	};
+	if ((unsigned)s < sizeof(names) / sizeof(names[0]) && names[s])
+		return names[s];
+	return "unknown";
+}
+
+/* Copies a string, truncating to fit (names are bounded by the protocol anyway). */
+static void copy_str(char *dst, size_t n, const char *src)
+{
+	size_t i = 0;
+	for (; i + 1 < n && src[i]; i++)
+		dst[i] = src[i];
+	dst[i] = '\0';
+}
+
+static bool state_final(enum migration_state s)
+{
+	return s == MIG_COMPLETED || s == MIG_CANCELLED || s == MIG_FAILED;
+}
+
+/* ---------------- bookkeeping ---------------- */
+
+static void set_state(struct migration *m, enum migration_state s)
+{
+	pthread_mutex_lock(&m->lock);
+	m->info.state = s;
+	if (state_final(s)) {
+		m->info.finished_unix_ms = agent_unix_ms();
+		m->info.total_time_ms =
+			(uint64_t)(m->info.finished_unix_ms - m->info.started_unix_ms);
+	}
+	char err[2 * sizeof(m->info.error)];
+	agent_json_escape(m->info.error, err, sizeof(err));
+	pthread_mutex_unlock(&m->lock);
+	agent_log(m->a, s == MIG_FAILED ? LOG_WARN : LOG_INFO, "migration %llu (%s %s %s): %s%s%s",
+		  (unsigned long long)m->id, m->info.vm, m->incoming ? "from" : "to", m->info.peer,
+		  migration_state_name(s), err[0] ? ": " : "", err);
+	agent_event(m->a, "migration.state",
+		    "\"id\":%llu,\"vm\":\"%s\",\"direction\":\"%s\",\"state\":\"%s\"%s%s%s",
+		    (unsigned long long)m->id, m->info.vm, m->incoming ? "incoming" : "outgoing",
+		    migration_state_name(s), err[0] ? ",\"error\":\"" : "", err,
+		    err[0] ? "\"" : "");
+}
+
+__attribute__((format(printf, 3, 4))) static int mig_fail(struct migration *m, int r,
+							  const char *fmt, ...)
+{
+	pthread_mutex_lock(&m->lock);
+	if (!m->info.error[0]) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(m->info.error, sizeof(m->info.error), fmt, ap);
+		va_end(ap);
+	}
+	pthread_mutex_unlock(&m->lock);
+	return r < 0 ? r : -EIO;
+}
+
+static bool cancelled(struct migration *m)
+{
+	pthread_mutex_lock(&m->lock);
+	bool c = m->cancel;
+	pthread_mutex_unlock(&m->lock);
+	return c;
+}
+
+/*
+ * The job thread publishes its control channel and data path under m->lock (the data path
+ * of an incoming migration under agent->lock, where the listener looks it up), so that a
+ * cancel from another thread can interrupt them; it unpublishes them under the same lock
+ * before freeing them.
+ */
+static void set_ctl(struct migration *m, struct xctl *c)
+{
+	pthread_mutex_lock(&m->lock);
+	m->ctl = c;
+	pthread_mutex_unlock(&m->lock);
+}
+
+static void drop_ctl(struct migration *m)
+{
+	pthread_mutex_lock(&m->lock);
+	struct xctl *c = m->ctl;
+	m->ctl = NULL;
+	pthread_mutex_unlock(&m->lock);
+	xctl_free(c);
+}
+
+static void drop_src(struct migration *m)
+{
+	pthread_mutex_lock(&m->lock);
+	struct xport_src *x = m->src;
+	m->src = NULL;
+	pthread_mutex_unlock(&m->lock);
+	xport_src_free(x);
+}
+
+static void drop_dst(struct migration *m)
+{
+	pthread_mutex_lock(&m->a->lock);
+	struct xport_dst *x = m->dst;
+	m->dst = NULL;
+	pthread_mutex_unlock(&m->a->lock);
+	xport_dst_free(x);
+}
+
+/* Interrupts whatever the job thread blocks on; with m->lock held. */
+static void interrupt_locked(struct migration *m)
+{
+	if (m->ctl)
+		xctl_interrupt(m->ctl);
+	if (m->src)
+		xport_src_cancel(m->src);
+}
+
+static void release_vm_hold(struct migration *m)
+{
+	struct agent *a = m->a;
+	if (!m->vm)
+		return;
+	pthread_mutex_lock(&a->lock);
+	if (m->vm->migration_id == m->id) {
+		m->vm->migration_id = 0;
+		m->vm->incoming = false;
+	}
+	pthread_mutex_unlock(&a->lock);
+}
+
+static int send_msg(struct migration *m, uint16_t type, int enc_r, void *buf, size_t len)
+{
+	if (enc_r < 0)
+		return mig_fail(m, enc_r, "encoding %s: %s", proto_type_name(type), strerror(-enc_r));
+	int r = xctl_send(m->ctl, type, buf, len);
+	free(buf);
+	if (r < 0)
+		return mig_fail(m, r, "sending %s to %s: %s", proto_type_name(type),
+				xctl_peer(m->ctl), strerror(-r));
+	return 0;
+}
+
+static void send_abort(struct migration *m, uint32_t code, const char *msg)
+{
+	struct proto_refuse ab = {.code = code};
+	snprintf(ab.message, sizeof(ab.message), "%s", msg);
+	void *buf = NULL;
+	size_t len = 0;
+	if (m->ctl && proto_encode_refuse(&ab, &buf, &len) == 0) {
+		xctl_send(m->ctl, PROTO_ABORT, buf, len);
+		free(buf);
+	}
+}
+
+/* Receives one control message of an expected type; REFUSE/ABORT become errors. */
+static int recv_msg(struct migration *m, uint16_t want, void **ret, size_t *ret_len,
+		    int timeout_ms)
+{
+	uint16_t type = 0;
+	char err[160] = "";
+	int r = xctl_recv(m->ctl, &type, ret, ret_len, timeout_ms, err, sizeof(err));
+	if (r == -ECANCELED)
+		return mig_fail(m, r, "cancelled");
+	if (r < 0)
+		return mig_fail(m, r, "waiting for %s from %s: %s%s%s", proto_type_name(want),
+				xctl_peer(m->ctl), r == -ECONNRESET ? "connection closed" : strerror(-r),
+				err[0] ? ": " : "", err);
+	if (type == PROTO_REFUSE || type == PROTO_ABORT) {
+		struct proto_refuse rf;
+		char derr[128];
+		if (proto_decode_refuse(*ret, *ret_len, &rf, derr, sizeof(derr)) < 0)
+			snprintf(rf.message, sizeof(rf.message), "(undecodable: %s)", derr);
+		free(*ret);
+		*ret = NULL;
+		return mig_fail(m, -ECONNREFUSED, "destination %s: %s: %s",
+				type == PROTO_REFUSE ? "refused" : "aborted",
+				proto_code_name(rf.code), rf.message);
+	}
+	if (type != want) {
+		free(*ret);
+		*ret = NULL;
+		return mig_fail(m, -EPROTO, "expected %s, got %s", proto_type_name(want),
+				proto_type_name(type));
+	}
+	return 0;
+}
+
+static int digests(struct vm *vm, uint8_t out[][PROTO_DIGEST_LEN], uint32_t *ret_n)
+{
+	unsigned n = vm_nr_slots(vm);
+	for (unsigned i = 0; i < n; i++) {
+		const struct vm_slot *s = vm_slot(vm, i);
+		unsigned int len = 0;
+		if (!EVP_Digest(s->hva, s->size, out[i], &len, EVP_sha256(), NULL))
+			return -EIO;
+	}
+	*ret_n = n;
+	return 0;
+}
+
+/* ---------------- source ---------------- */
+
+struct runs {
+	struct page_run *v;
+	size_t n, cap;
+	uint64_t pages;
+};
+
+static int runs_add_batch(struct runs *rs, const struct tracker_batch *b, unsigned max_run)
+{
+	if (rs->cap - rs->n < b->npages) {
+		size_t cap = rs->cap ? rs->cap : 4096;
+		while (cap - rs->n < b->npages)
+			cap *= 2;
+		struct page_run *nv = realloc(rs->v, cap * sizeof(*nv));
+		if (!nv)
+			return -ENOMEM;
+		rs->v = nv;
+		rs->cap = cap;
+	}
+	rs->n += pagereader_runs_from_bitmap(b->slot_index, b->first_page, b->bits, b->npages,
+					     max_run, rs->v + rs->n, (unsigned)(rs->cap - rs->n));
+	rs->pages += b->dirty;
+	return 0;
+}
+
+/*
+ * Takes every dirty chunk and sends it, TAKE_GROUP_CHUNKS at a time, so each chunk is
+ * re-protected just before it is read (DESIGN.md rule 1). Returns pages sent.
+ */
+static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
+		      uint64_t *ret_pages)
+{
+	struct tracker_cursor cur = {0};
+	struct tracker_batch *b = malloc(sizeof(*b));
+	struct runs rs = {0};
+	unsigned max_run = m->a->cfg.migration.batch_pages;
+	int r = 0;
+
+	if (max_run > PAGEREADER_MAX_BATCH_PAGES)
+		max_run = PAGEREADER_MAX_BATCH_PAGES;
+	if (!b)
+		return -ENOMEM;
+	*ret_pages = 0;
+	for (bool more = true; more && r == 0;) {
+		rs.n = 0;
+		rs.pages = 0;
+		for (unsigned g = 0; g < TAKE_GROUP_CHUNKS; g++) {
+			r = tracker_take_next(t, &cur, b);
+			if (r <= 0) {
+				more = false;
+				break;
+			}
+			r = runs_add_batch(&rs, b, max_run);
+			if (r < 0)
+				break;
+		}
+		if (r < 0)
+			break;
+		r = 0;
+		if (rs.n == 0)
+			continue;
+		if (cancelled(m)) {
+			r = -ECANCELED;
+			break;
+		}
+		r = xport_src_send(m->src, rs.v, (unsigned)rs.n, ++*fence);
+		if (r < 0)
+			break;
+		*ret_pages += rs.pages;
+	}
+	free(rs.v);
+	free(b);
+	return r;
+}
+
+static void update_stats(struct migration *m, uint32_t round, uint64_t remaining_pages,
+			 double dirty_pps, double bw_Bps)
+{
+	struct xport_src_stats st;
+	xport_src_stats(m->src, &st);
+	pthread_mutex_lock(&m->lock);
+	m->info.round = round;
+	m->info.bytes_sent = st.bytes;
+	m->info.pages_normal = st.pages;
+	m->info.pages_zero = st.zero_pages;
+	m->info.remaining_bytes = remaining_pages * 4096ull;
+	m->info.dirty_rate_pps = dirty_pps;
+	m->info.bandwidth_bps = bw_Bps * 8.0;
+	m->info.expected_downtime_ms =
+		bw_Bps > 0 ? (double)m->info.remaining_bytes / bw_Bps * 1000.0 + STATE_TIME_MS
+			   : 0;
+	pthread_mutex_unlock(&m->lock);
+}
+
+/* Connects and runs HELLO / VM_OFFER; fills the data path. */
+static int source_setup(struct migration *m, struct vm *vm)
+{
+	struct agent *a = m->a;
+	char err[256] = "";
+	void *buf = NULL;
+	size_t len = 0;
+	int r;
+
+	struct xctl *c = NULL;
+	r = xctl_connect(m->req.dest, CTL_TIMEOUT_MS, &c, err, sizeof(err));
+	if (r < 0)
+		return mig_fail(m, r, "cannot reach destination %s: %s", m->req.dest, err);
+	set_ctl(m, c);
+	if (cancelled(m))
+		return mig_fail(m, -ECANCELED, "cancelled");
+
+	struct proto_hello h = {
+		.min_version = PROTO_VERSION,
+		.max_version = PROTO_VERSION,
+		.migration_id = m->id,
+		.caps = PROTO_CAP_TCP | (m->info.verify ? PROTO_CAP_VERIFY : 0),
+		.page_size = 4096,
+		.streams = m->req.streams,
+	};
+	snprintf(h.agent, sizeof(h.agent), "%s", a->cfg.name);
+	r = proto_encode_hello(&h, &buf, &len);
+	if ((r = send_msg(m, PROTO_HELLO, r, buf, len)) < 0)
+		return r;
+	if ((r = recv_msg(m, PROTO_WELCOME, &buf, &len, CTL_TIMEOUT_MS)) < 0)
+		return r;
+	struct proto_welcome w;
+	r = proto_decode_welcome(buf, len, &w, err, sizeof(err));
+	free(buf);
+	if (r < 0)
+		return mig_fail(m, r, "bad WELCOME: %s", err);
+	memcpy(m->token, w.token, sizeof(m->token));
+
+	struct proto_vm_offer o = {
+		.mem_size = vm_config(vm)->mem_size,
+		.vcpus = vm_config(vm)->vcpus,
+		.irqchip = vm_config(vm)->irqchip,
+		.nr_slots = vm_nr_slots(vm),
+	};
+	snprintf(o.name, sizeof(o.name), "%s", m->vm->spec.name);
+	copy_str(o.guest, sizeof(o.guest), m->vm->spec.guest);
+	for (unsigned i = 0; i < o.nr_slots; i++) {
+		o.slots[i].gpa = vm_slot(vm, i)->gpa;
+		o.slots[i].size = vm_slot(vm, i)->size;
+	}
+	r = proto_encode_vm_offer(&o, &buf, &len);
+	if ((r = send_msg(m, PROTO_VM_OFFER, r, buf, len)) < 0)
+		return r;
+	if ((r = recv_msg(m, PROTO_VM_ACCEPT, &buf, &len, OFFER_TIMEOUT_MS)) < 0)
+		return r;
+	free(buf);
+	if (cancelled(m))
+		return mig_fail(m, -ECANCELED, "cancelled");
+
+	int fds[PROTO_MAX_SLOTS];
+	uint64_t sizes[PROTO_MAX_SLOTS];
+	for (unsigned i = 0; i < o.nr_slots; i++) {
+		fds[i] = vm_slot(vm, i)->memfd;
+		sizes[i] = vm_slot(vm, i)->size;
+	}
+	struct xport_src_config xc = {
+		.streams = m->req.streams,
+		.bandwidth = m->req.bandwidth,
+		.reader = {.queue_depth = a->cfg.migration.queue_depth,
+			   .batch_pages = a->cfg.migration.batch_pages > PAGEREADER_MAX_BATCH_PAGES
+						  ? PAGEREADER_MAX_BATCH_PAGES
+						  : a->cfg.migration.batch_pages},
+	};
+	struct xport_src *src = NULL;
+	r = xport_src_tcp_new(&xc, m->req.dest, m->token, fds, sizes, o.nr_slots, &src, err,
+			      sizeof(err));
+	if (r < 0)
+		return mig_fail(m, r, "opening data streams to %s: %s", m->req.dest, err);
+	pthread_mutex_lock(&m->lock);
+	m->src = src;
+	if (m->cancel)
+		xport_src_cancel(src);
+	snprintf(m->info.transport, sizeof(m->info.transport), "%s", xport_src_name(m->src));
+	snprintf(m->info.transport_reason, sizeof(m->info.transport_reason), "%s",
+		 m->req.transport == MIG_TRANSPORT_TCP ? "requested"
+						       : "RDMA not available on this agent");
+	pthread_mutex_unlock(&m->lock);
+	return 0;
+}
+
+/* Precopy rounds until the convergence rule (or a request) says switch over. */
+static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fence)
+{
+	struct sched_rate dirty;
+	uint64_t harvested_total = 0;
+	double bw = 0;
+	int r;
+
+	sched_rate_init(&dirty, 3000000000ull);
+	set_state(m, MIG_PRECOPY);
+	for (uint32_t round = 1;; round++) {
+		struct tracker_sync_stats ss;
+		uint64_t t0 = agent_mono_ns();
+		struct xport_src_stats before, after;
+		xport_src_stats(m->src, &before);
+		r = tracker_sync(t, &ss);
+		if (r < 0)
+			return mig_fail(m, r, "harvesting dirty pages: %s", strerror(-r));
+		harvested_total += ss.harvested;
+		sched_rate_add(&dirty, t0, harvested_total);
+		uint64_t pages = 0;
+		r = send_dirty(m, t, fence, &pages);
+		if (r < 0)
+			return r == -ECANCELED ? mig_fail(m, r, "cancelled")
+					       : mig_fail(m, r, "sending round %u: %s", round,
+							  strerror(-r));
+		xport_src_stats(m->src, &after);
+		uint64_t dt = agent_mono_ns() - t0;
+		if (after.bytes > before.bytes && dt > 0) {
+			double round_bw = (double)(after.bytes - before.bytes) / ((double)dt / 1e9);
+			/* Small rounds measure latency, not bandwidth: weight by bytes. */
+			bw = bw == 0 ? round_bw : 0.5 * bw + 0.5 * round_bw;
+		}
+		/* What is dirty now is what the next round (or the switch-over) must send. */
+		r = tracker_sync(t, &ss);
+		if (r < 0)
+			return mig_fail(m, r, "harvesting dirty pages: %s", strerror(-r));
+		harvested_total += ss.harvested;
+		sched_rate_add(&dirty, agent_mono_ns(), harvested_total);
+		uint64_t remaining = tracker_dirty_pages(t);
+		update_stats(m, round, remaining, sched_rate_per_sec(&dirty), bw);
+
+		struct proto_round_end re = {.round = round, .fence = *fence, .pages = pages,
+					     .remaining = remaining};
+		void *buf = NULL;
+		size_t len = 0;
+		r = proto_encode_round_end(&re, &buf, &len);
+		if ((r = send_msg(m, PROTO_ROUND_END, r, buf, len)) < 0)
+			return r;
+
+		pthread_mutex_lock(&m->lock);
+		bool now = m->switchover || m->cancel;
+		double expected = m->info.expected_downtime_ms;
+		pthread_mutex_unlock(&m->lock);
+		if (cancelled(m))
+			return mig_fail(m, -ECANCELED, "cancelled");
+		if (now || (bw > 0 && expected <= (double)m->req.downtime_ms))
+			return 0;
+	}
+}
+
+/* After COMMIT_REQ: wait for the destination's word, reconnecting if the line drops. */
+static int source_await_decision(struct migration *m)
+{
+	void *buf = NULL;
+	size_t len = 0;
+	int r = recv_msg(m, PROTO_COMMITTED, &buf, &len, FENCE_TIMEOUT_MS);
+	if (r == 0) {
+		free(buf);
+		return PROTO_DECIDED_RUN;
+	}
+	if (r == -ECONNREFUSED) /* ABORT: the destination discarded */
+		return PROTO_DECIDED_NOT_RUN;
+
+	/* Lost the line: we cannot know; stay paused and ask. */
+	set_state(m, MIG_UNCERTAIN);
+	agent_log(m->a, LOG_WARN, "migration %llu: lost destination while committing; VM %s "
+		  "stays paused until %s says what it decided",
+		  (unsigned long long)m->id, m->info.vm, m->req.dest);
+	unsigned backoff = 200;
+	for (;;) {
+		drop_ctl(m);
+		char err[256];
+		struct xctl *c = NULL;
+		r = xctl_connect(m->req.dest, 5000, &c, err, sizeof(err));
+		if (r == 0) {
+			set_ctl(m, c);
+			struct proto_decision_req dq = {.migration_id = m->id};
+			memcpy(dq.token, m->token, sizeof(dq.token));
+			r = proto_encode_decision_req(&dq, &buf, &len);
+			if (r == 0)
+				r = xctl_send(m->ctl, PROTO_DECISION_REQ, buf, len);
+			free(buf);
+			buf = NULL;
+			uint16_t type = 0;
+			if (r == 0)
+				r = xctl_recv(m->ctl, &type, &buf, &len, 10000, err, sizeof(err));
+			if (r == 0 && type == PROTO_DECISION) {
+				struct proto_decision d;
+				r = proto_decode_decision(buf, len, &d, err, sizeof(err));
+				free(buf);
+				if (r == 0 && d.migration_id == m->id)
+					return (int)d.decision == PROTO_DECIDED_RUN
+						       ? PROTO_DECIDED_RUN
+						       : PROTO_DECIDED_NOT_RUN;
+			} else if (r == 0) {
+				free(buf);
+			}
+		}
+		pthread_mutex_lock(&m->a->lock);
+		bool stop = m->a->shutting_down;
+		pthread_mutex_unlock(&m->a->lock);
+		if (stop)
+			return -ESHUTDOWN; /* keep paused: exiting is safe, resuming is not */
+		usleep(backoff * 1000u);
+		backoff = backoff * 2 > UNCERTAIN_BACKOFF_MAX_MS ? UNCERTAIN_BACKOFF_MAX_MS
+								 : backoff * 2;
+	}
+}
+
+static int source_switchover(struct migration *m, struct vm *vm, struct tracker *t,
+			     uint64_t *fence, uint64_t *ret_pause_ns)
+{
+	struct vm_error verr = {{0}};
+	void *buf = NULL, *blob = NULL;
+	size_t len = 0, blob_len = 0;
+	uint64_t pages = 0;
+	int r;
+
+	set_state(m, MIG_SWITCHOVER);
+	pthread_mutex_lock(&m->vm->op_lock);
+	*ret_pause_ns = agent_mono_ns();
+	vm_pause(vm); /* kicks every vCPU out of KVM_RUN: rings hold everything now */
+	pthread_mutex_unlock(&m->vm->op_lock);
+	r = tracker_sync(t, NULL);
+	if (r < 0)
+		return mig_fail(m, r, "final harvest: %s", strerror(-r));
+	r = send_dirty(m, t, fence, &pages);
+	if (r < 0)
+		return mig_fail(m, r, "sending the last pages: %s", strerror(-r));
+	r = vm_state_save(vm, &blob, &blob_len, &verr);
+	if (r < 0)
+		return mig_fail(m, r, "saving vCPU state: %s", verr.msg);
+	struct proto_state st = {.fence = *fence, .blob = blob, .blob_len = (uint32_t)blob_len};
+	r = proto_encode_state(&st, &buf, &len);
+	free(blob);
+	if ((r = send_msg(m, PROTO_STATE, r, buf, len)) < 0)
+		return r;
+
+	struct proto_commit_req *cr = calloc(1, sizeof(*cr));
+	if (!cr)
+		return mig_fail(m, -ENOMEM, "out of memory");
+	cr->fence = *fence;
+	if (m->info.verify && digests(vm, cr->digests, &cr->nr_digests) < 0) {
+		free(cr);
+		return mig_fail(m, -EIO, "computing memory digests failed");
+	}
+	update_stats(m, m->info.round + 1, 0, m->info.dirty_rate_pps,
+		     m->info.bandwidth_bps / 8.0);
+	/* Last moment to back out: after COMMIT_REQ the destination decides. */
+	pthread_mutex_lock(&m->lock);
+	bool c = m->cancel;
+	if (!c)
+		m->committed = true;
+	pthread_mutex_unlock(&m->lock);
+	if (c) {
+		free(cr);
+		return mig_fail(m, -ECANCELED, "cancelled");
+	}
+	r = proto_encode_commit_req(cr, &buf, &len);
+	free(cr);
+	r = send_msg(m, PROTO_COMMIT_REQ, r, buf, len);
+	set_state(m, MIG_COMMITTING);
+	if (r < 0) {
+		/* It may or may not have arrived: the destination decides; ask it. */
+		pthread_mutex_lock(&m->lock);
+		m->info.error[0] = '\0';
+		pthread_mutex_unlock(&m->lock);
+	}
+	return source_await_decision(m);
+}
+
+static void source_job(struct migration *m)
+{
+	struct agent *a = m->a;
+	struct vm *vm = m->vm->vm;
+	struct tracker *t = vm_tracker(vm);
+	uint64_t fence = 0, t_start = agent_mono_ns(), t_pause = 0;
+	bool tracking = false;
+	int r;
+
+	set_state(m, MIG_SETUP);
+	r = source_setup(m, vm);
+	if (r < 0)
+		goto out_fail;
+	r = tracker_start(t, true);
+	if (r < 0) {
+		mig_fail(m, r, "starting dirty tracking: %s", strerror(-r));
+		goto out_fail;
+	}
+	tracking = true;
+	pthread_mutex_lock(&m->lock);
+	m->info.setup_time_ms = (agent_mono_ns() - t_start) / 1000000ull;
+	pthread_mutex_unlock(&m->lock);
+
+	r = source_precopy(m, t, &fence);
+	if (r < 0)
+		goto out_fail;
+	r = source_switchover(m, vm, t, &fence, &t_pause);
+	if (r == PROTO_DECIDED_RUN) {
+		pthread_mutex_lock(&m->lock);
+		m->info.downtime_ms = (agent_mono_ns() - t_pause) / 1000000ull;
+		m->info.error[0] = '\0';
+		pthread_mutex_unlock(&m->lock);
+		tracker_stop(t);
+		release_vm_hold(m);
+		agent_vm_remove(a, m->vm); /* the destination runs it now */
+		agent_event(a, "vm.deleted", "\"vm\":\"%s\",\"reason\":\"migrated\"", m->info.vm);
+		set_state(m, MIG_COMPLETED);
+		return;
+	}
+	if (r == -ESHUTDOWN) {
+		/* Uncertain at shutdown: never resume; the VM ends with this agent. */
+		mig_fail(m, r, "agent shut down while the destination's decision was unknown; "
+			       "VM left paused, not resumed");
+		release_vm_hold(m);
+		set_state(m, MIG_FAILED);
+		return;
+	}
+	if (r == PROTO_DECIDED_NOT_RUN)
+		mig_fail(m, -ECONNREFUSED, "destination did not run the VM");
+out_fail:
+	/* Before the decision (or after NOT_RUN): the VM runs here, as before. */
+	if (m->ctl && !cancelled(m))
+		send_abort(m, PROTO_E_INTERNAL, m->info.error);
+	else if (m->ctl)
+		send_abort(m, PROTO_E_CANCELED, "cancelled by the operator");
+	pthread_mutex_lock(&m->lock);
+	if (m->src)
+		xport_src_cancel(m->src);
+	pthread_mutex_unlock(&m->lock);
+	if (tracking)
+		tracker_stop(t);
+	pthread_mutex_lock(&m->vm->op_lock);
+	if (vm_state(vm) == VM_PAUSED)
+		vm_resume(vm);
+	pthread_mutex_unlock(&m->vm->op_lock);
+	release_vm_hold(m);
+	set_state(m, cancelled(m) ? MIG_CANCELLED : MIG_FAILED);
+}
+
+/* ---------------- destination ---------------- */
+
+static void decision_path(struct agent *a, uint64_t remote_id, const uint8_t *token, char *out,
+			  size_t n)
+{
+	char hex[2 * PROTO_TOKEN_LEN + 1];
+	for (unsigned i = 0; i < PROTO_TOKEN_LEN; i++)
+		snprintf(hex + 2 * i, 3, "%02x", token[i]);
+	snprintf(out, n, "%s/decisions/%llu-%s", a->cfg.state_dir, (unsigned long long)remote_id,
+		 hex);
+}
+
+/*
+ * Records the destination's decision: in memory, and for RUN on disk (written and synced,
+ * with its directory) before anyone is told, so a restarted agent still answers a source
+ * that lost the line. Returns -errno if a RUN could not be made durable: then it must not
+ * run.
+ */
+static int record_decision(struct migration *m, enum proto_decided d)
+{
+	struct agent *a = m->a;
+	int r = 0;
+	if (d == PROTO_DECIDED_RUN) {
+		char path[PATH_MAX + 96], dir[PATH_MAX + 16];
+		decision_path(a, m->remote_id, m->token, path, sizeof(path));
+		snprintf(dir, sizeof(dir), "%s/decisions", a->cfg.state_dir);
+		int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+		if (fd < 0 || write(fd, "run\n", 4) != 4 || fsync(fd) < 0)
+			r = -errno ? -errno : -EIO;
+		if (fd >= 0)
+			close(fd);
+		int dfd = r == 0 ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+		if (dfd >= 0) {
+			if (fsync(dfd) < 0)
+				r = -errno;
+			close(dfd);
+		}
+		if (r < 0) {
+			unlink(path);
+			return r;
+		}
+	}
+	pthread_mutex_lock(&a->lock);
+	if (!a->decisions)
+		a->decisions = calloc(DECISIONS_KEPT, sizeof(*a->decisions));
+	if (a->decisions) {
+		struct decision_rec *rec = &a->decisions[a->decisions_next++ % DECISIONS_KEPT];
+		rec->remote_id = m->remote_id;
+		memcpy(rec->token, m->token, sizeof(m->token));
+		rec->decision = d;
+	}
+	pthread_mutex_unlock(&a->lock);
+	return 0;
+}
+
+/* Prepares state_dir/decisions and drops records older than the retention period. */
+int migration_state_init(struct agent *a, struct agent_error *err)
+{
+	char dir[PATH_MAX + 16];
+	snprintf(dir, sizeof(dir), "%s/decisions", a->cfg.state_dir);
+	if (mkdir(a->cfg.state_dir, 0700) < 0 && errno != EEXIST)
+		return agent_err(err, -errno, "unavailable", "cannot create state_dir %s: %s",
+				 a->cfg.state_dir, strerror(errno));
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+		return agent_err(err, -errno, "unavailable", "cannot create %s: %s", dir,
+				 strerror(errno));
+	DIR *d = opendir(dir);
+	if (!d)
+		return agent_err(err, -errno, "unavailable", "cannot read %s: %s", dir,
+				 strerror(errno));
+	time_t now = time(NULL);
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		struct stat st;
+		if (e->d_name[0] == '.')
+			continue;
+		if (fstatat(dirfd(d), e->d_name, &st, 0) == 0 &&
+		    now - st.st_mtime > DECISION_RETENTION_S)
+			unlinkat(dirfd(d), e->d_name, 0);
+	}
+	closedir(d);
+	return 0;
+}
+
+/* Settles the decision once: returns what was decided (first caller wins). */
+static enum proto_decided decide(struct migration *m, enum proto_decided want)
+{
+	pthread_mutex_lock(&m->lock);
+	if (m->decision == PROTO_DECIDED_UNKNOWN)
+		m->decision = want;
+	enum proto_decided d = m->decision;
+	pthread_mutex_unlock(&m->lock);
+	return d;
+}
+
+static int dest_refuse(struct migration *m, uint32_t code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static int dest_refuse(struct migration *m, uint32_t code, const char *fmt, ...)
+{
+	struct proto_refuse rf = {.code = code};
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(rf.message, sizeof(rf.message), fmt, ap);
+	va_end(ap);
+	void *buf = NULL;
+	size_t len = 0;
+	if (proto_encode_refuse(&rf, &buf, &len) == 0) {
+		xctl_send(m->ctl, PROTO_REFUSE, buf, len);
+		free(buf);
+	}
+	return mig_fail(m, -ECONNREFUSED, "refused: %s", rf.message);
+}
+
+static int dest_create_vm(struct migration *m, const struct proto_vm_offer *o)
+{
+	struct agent *a = m->a;
+	struct agent_error aerr = {0};
+	struct vm_error verr = {{0}};
+	struct agent_vm_spec spec = {0};
+	struct vm_config cfg;
+	int r;
+
+	copy_str(spec.name, sizeof(spec.name), o->name);
+	copy_str(spec.guest, sizeof(spec.guest), o->guest);
+	spec.mem_size = o->mem_size;
+	spec.vcpus = o->vcpus;
+	spec.slot_size = o->nr_slots > 1 ? o->slots[0].size : 0;
+	copy_str(m->info.vm, sizeof(m->info.vm), o->name);
+	struct agent_vm *v = agent_vm_alloc(&spec);
+	if (!v)
+		return dest_refuse(m, PROTO_E_NOMEM, "out of memory");
+	vm_config_init(&cfg, o->name);
+	cfg.mem_size = o->mem_size;
+	cfg.vcpus = o->vcpus;
+	cfg.irqchip = o->irqchip != 0;
+	cfg.slot_size = spec.slot_size;
+	r = vm_new(&cfg, &v->vm, &verr);
+	if (r < 0) {
+		agent_vm_put(a, v);
+		return dest_refuse(m, r == -E2BIG || r == -ENOMEM ? PROTO_E_NOMEM : PROTO_E_SHAPE,
+				   "cannot create VM %s here: %s", o->name, verr.msg);
+	}
+	bool same = vm_nr_slots(v->vm) == o->nr_slots;
+	for (unsigned i = 0; same && i < o->nr_slots; i++)
+		same = vm_slot(v->vm, i)->gpa == o->slots[i].gpa &&
+		       vm_slot(v->vm, i)->size == o->slots[i].size;
+	if (!same) {
+		agent_vm_put(a, v);
+		return dest_refuse(m, PROTO_E_SHAPE, "memslot layout of %s not reproducible here",
+				   o->name);
+	}
+	v->migration_id = m->id;
+	v->incoming = true;
+	r = agent_vm_insert(a, v, &aerr);
+	if (r < 0) {
+		agent_vm_put(a, v);
+		return dest_refuse(m, r == -EEXIST ? PROTO_E_EXISTS : PROTO_E_NOMEM, "%s",
+				   aerr.message);
+	}
+	m->vm = v;
+	v->refs++; /* the job's reference, besides the list's */
+	return 0;
+}
+
+static void dest_discard(struct migration *m)
+{
+	if (!m->vm)
+		return;
+	release_vm_hold(m);
+	agent_vm_remove(m->a, m->vm);
+}
+
+static void dest_job(struct migration *m)
+{
+	struct agent *a = m->a;
+	char err[256] = "";
+	void *buf = NULL;
+	size_t len = 0;
+	int r;
+
+	set_state(m, MIG_SETUP);
+	struct proto_welcome w = {.version = PROTO_VERSION,
+				  .caps = PROTO_CAP_TCP | (m->hello.caps & PROTO_CAP_VERIFY)};
+	snprintf(w.agent, sizeof(w.agent), "%s", a->cfg.name);
+	memcpy(w.token, m->token, sizeof(w.token));
+	r = proto_encode_welcome(&w, &buf, &len);
+	if ((r = send_msg(m, PROTO_WELCOME, r, buf, len)) < 0)
+		goto fail;
+	if ((r = recv_msg(m, PROTO_VM_OFFER, &buf, &len, CTL_TIMEOUT_MS)) < 0)
+		goto fail;
+	struct proto_vm_offer *o = calloc(1, sizeof(*o));
+	r = o ? proto_decode_vm_offer(buf, len, o, err, sizeof(err)) : -ENOMEM;
+	free(buf);
+	if (r < 0) {
+		free(o);
+		dest_refuse(m, PROTO_E_PROTOCOL, "bad VM_OFFER: %s", err);
+		goto fail;
+	}
+	r = dest_create_vm(m, o);
+	if (r < 0) {
+		free(o);
+		goto fail;
+	}
+	struct xport_region regions[PROTO_MAX_SLOTS];
+	for (unsigned i = 0; i < o->nr_slots; i++) {
+		regions[i].hva = vm_slot(m->vm->vm, i)->hva;
+		regions[i].size = vm_slot(m->vm->vm, i)->size;
+	}
+	struct xport_dst *dst = NULL;
+	r = xport_dst_tcp_new(regions, o->nr_slots, m->hello.streams, &dst);
+	free(o);
+	pthread_mutex_lock(&a->lock);
+	m->dst = dst;
+	pthread_mutex_unlock(&a->lock);
+	if (r < 0) {
+		dest_refuse(m, PROTO_E_INTERNAL, "data path: %s", strerror(-r));
+		goto fail;
+	}
+	r = send_msg(m, PROTO_VM_ACCEPT, 0, NULL, 0);
+	if (r < 0)
+		goto fail;
+	set_state(m, MIG_RECEIVING);
+
+	void *state_blob = NULL;
+	size_t state_len = 0;
+	for (;;) {
+		uint16_t type = 0;
+		err[0] = '\0';
+		r = xctl_recv(m->ctl, &type, &buf, &len, DEST_IDLE_TIMEOUT_MS, err, sizeof(err));
+		if (r < 0) {
+			mig_fail(m, r, "source %s: %s%s%s", xctl_peer(m->ctl),
+				 r == -ECONNRESET ? "connection closed" : strerror(-r),
+				 err[0] ? ": " : "", err);
+			break;
+		}
+		uint64_t fence = 0;
+		if (type == PROTO_ROUND_END) {
+			struct proto_round_end re;
+			r = proto_decode_round_end(buf, len, &re, err, sizeof(err));
+			fence = re.fence;
+			if (r == 0) {
+				pthread_mutex_lock(&m->lock);
+				m->info.round = re.round;
+				m->info.remaining_bytes = re.remaining * 4096ull;
+				pthread_mutex_unlock(&m->lock);
+			}
+		} else if (type == PROTO_STATE) {
+			struct proto_state st;
+			r = proto_decode_state(buf, len, &st, err, sizeof(err));
+			if (r == 0) {
+				fence = st.fence;
+				free(state_blob);
+				state_blob = malloc(st.blob_len);
+				if (state_blob)
+					memcpy(state_blob, st.blob, st.blob_len);
+				state_len = st.blob_len;
+				r = state_blob ? 0 : -ENOMEM;
+			}
+		} else if (type == PROTO_COMMIT_REQ) {
+			uint64_t t_req = agent_mono_ns();
+			struct proto_commit_req *cr = calloc(1, sizeof(*cr));
+			r = cr ? proto_decode_commit_req(buf, len, cr, err, sizeof(err)) : -ENOMEM;
+			free(buf);
+			buf = NULL;
+			if (r == 0)
+				r = xport_dst_wait_fence(m->dst, cr->fence, FENCE_TIMEOUT_MS);
+			if (r < 0) {
+				mig_fail(m, r, "last pages did not arrive: %s%s",
+					 xport_dst_error(m->dst), err);
+				send_abort(m, PROTO_E_PROTOCOL, m->info.error);
+				free(cr);
+				break;
+			}
+			r = 0;
+			if (m->info.verify && cr->nr_digests != vm_nr_slots(m->vm->vm))
+				r = mig_fail(m, -EPROTO, "verify mode, but %u digests for %u memslots",
+					     cr->nr_digests, vm_nr_slots(m->vm->vm));
+			if (r == 0 && cr->nr_digests) {
+				uint8_t (*mine)[PROTO_DIGEST_LEN] = calloc(PROTO_MAX_SLOTS,
+									    PROTO_DIGEST_LEN);
+				uint32_t n = 0;
+				if (!mine || digests(m->vm->vm, mine, &n) < 0 ||
+				    n != cr->nr_digests)
+					r = -EIO;
+				for (uint32_t i = 0; r == 0 && i < n; i++)
+					if (memcmp(mine[i], cr->digests[i], PROTO_DIGEST_LEN))
+						r = mig_fail(m, -EBADMSG,
+							     "memory digest of slot %u differs", i);
+				free(mine);
+				if (r == 0) {
+					pthread_mutex_lock(&m->lock);
+					m->info.verified = true;
+					pthread_mutex_unlock(&m->lock);
+				}
+			}
+			free(cr);
+			if (r < 0) {
+				mig_fail(m, r, "verification failed");
+				send_abort(m, PROTO_E_VERIFY, m->info.error);
+				break;
+			}
+			struct vm_error verr = {{0}};
+			if (state_blob)
+				r = vm_state_restore(m->vm->vm, state_blob, state_len, &verr);
+			else
+				r = -EPROTO, snprintf(verr.msg, sizeof(verr.msg), "no STATE before COMMIT_REQ");
+			if (r < 0) {
+				mig_fail(m, r, "vCPU state refused: %s", verr.msg);
+				send_abort(m, PROTO_E_STATE, m->info.error);
+				break;
+			}
+			set_state(m, MIG_DEST_READY);
+			/* The decision, made once and recorded before anyone hears of it. */
+			if (decide(m, PROTO_DECIDED_RUN) != PROTO_DECIDED_RUN) {
+				mig_fail(m, -ECANCELED, "discarded before the decision");
+				send_abort(m, PROTO_E_CANCELED, m->info.error);
+				break;
+			}
+			r = record_decision(m, PROTO_DECIDED_RUN);
+			if (r < 0) {
+				/* Undecided after all: nobody was told, and NOT_RUN is safe. */
+				pthread_mutex_lock(&m->lock);
+				m->decision = PROTO_DECIDED_NOT_RUN;
+				pthread_mutex_unlock(&m->lock);
+				mig_fail(m, r, "cannot record the decision durably in %s: %s",
+					 a->cfg.state_dir, strerror(-r));
+				send_abort(m, PROTO_E_INTERNAL, m->info.error);
+				break;
+			}
+			pthread_mutex_lock(&m->vm->op_lock);
+			r = vm_start(m->vm->vm);
+			pthread_mutex_unlock(&m->vm->op_lock);
+			release_vm_hold(m);
+			struct proto_committed c = {.run_ns = agent_mono_ns() - t_req};
+			r = proto_encode_committed(&c, &buf, &len);
+			send_msg(m, PROTO_COMMITTED, r, buf, len); /* the source asks if lost */
+			free(state_blob);
+			pthread_mutex_lock(&m->lock);
+			m->info.error[0] = '\0';
+			pthread_mutex_unlock(&m->lock);
+			agent_event(a, "vm.created", "\"vm\":\"%s\",\"reason\":\"migrated\"",
+				    m->info.vm);
+			set_state(m, MIG_COMPLETED);
+			agent_vm_put(a, m->vm);
+			m->vm = NULL;
+			return;
+		} else if (type == PROTO_ABORT) {
+			struct proto_refuse ab;
+			if (proto_decode_refuse(buf, len, &ab, err, sizeof(err)) == 0)
+				mig_fail(m, -ECANCELED, "source aborted: %s", ab.message);
+			else
+				mig_fail(m, -ECANCELED, "source aborted");
+			free(buf);
+			break;
+		} else {
+			mig_fail(m, -EPROTO, "unexpected %s from the source", proto_type_name(type));
+			send_abort(m, PROTO_E_PROTOCOL, m->info.error);
+			free(buf);
+			break;
+		}
+		free(buf);
+		buf = NULL;
+		if (r < 0) {
+			mig_fail(m, r, "bad %s: %s", proto_type_name(type), err);
+			send_abort(m, PROTO_E_PROTOCOL, m->info.error);
+			break;
+		}
+		r = xport_dst_wait_fence(m->dst, fence, FENCE_TIMEOUT_MS);
+		if (r < 0) {
+			mig_fail(m, r, "data streams: %s", xport_dst_error(m->dst));
+			send_abort(m, PROTO_E_PROTOCOL, m->info.error);
+			break;
+		}
+		struct xport_dst_stats ds;
+		xport_dst_stats(m->dst, &ds);
+		pthread_mutex_lock(&m->lock);
+		m->info.bytes_sent = ds.bytes;
+		m->info.pages_normal = ds.pages;
+		m->info.pages_zero = ds.zero_pages;
+		pthread_mutex_unlock(&m->lock);
+	}
+	free(state_blob);
+fail:
+	if (decide(m, PROTO_DECIDED_NOT_RUN) == PROTO_DECIDED_NOT_RUN)
+		record_decision(m, PROTO_DECIDED_NOT_RUN);
+	drop_dst(m);
+	if (m->vm) {
+		dest_discard(m);
+		agent_vm_put(a, m->vm);
+		m->vm = NULL;
+	}
+	set_state(m, cancelled(m) ? MIG_CANCELLED : MIG_FAILED);
+}
+
+/* ---------------- jobs, listener, API ---------------- */
+
+static void *job_thread(void *arg)
+{
+	struct migration *m = arg;
+	if (m->incoming)
+		dest_job(m);
+	else
+		source_job(m);
+	drop_src(m);
+	drop_dst(m);
+	drop_ctl(m);
+	if (!m->incoming && m->vm) {
+		agent_vm_put(m->a, m->vm);
+		m->vm = NULL;
+	}
+	pthread_mutex_lock(&m->a->lock);
+	m->done = true;
+	pthread_cond_broadcast(&m->a->cond);
+	pthread_mutex_unlock(&m->a->lock);
+	return NULL;
+}
+
+static struct migration *migration_alloc(struct agent *a, bool incoming)
+{
+	struct migration *m = calloc(1, sizeof(*m));
+	if (!m)
+		return NULL;
+	m->a = a;
+	m->incoming = incoming;
+	pthread_mutex_init(&m->lock, NULL);
+	m->info.incoming = incoming;
+	m->info.started_unix_ms = agent_unix_ms();
+	snprintf(m->info.transport, sizeof(m->info.transport), "tcp");
+	return m;
+}
+
+static void migration_release(struct migration *m)
+{
+	xctl_free(m->ctl);
+	pthread_mutex_destroy(&m->lock);
+	free(m);
+}
+
+/* Starts the job thread of a listed migration. */
+static int migration_start(struct agent *a, struct migration *m, struct agent_error *err)
+{
+	char name[24];
+	int r = pthread_create(&m->thread, NULL, job_thread, m);
+	if (r) {
+		pthread_mutex_lock(&a->lock);
+		m->done = true;
+		m->info.state = MIG_FAILED;
+		pthread_mutex_unlock(&a->lock);
+		return agent_err(err, -r, "internal", "cannot start migration thread: %s",
+				 strerror(r));
+	}
+	m->thread_started = true;
+	snprintf(name, sizeof(name), "mig-%llu", (unsigned long long)m->id);
+	pthread_setname_np(m->thread, name);
+	return 0;
+}
+
+static unsigned active(struct agent *a, bool incoming)
+{
+	unsigned n = 0;
+	for (struct migration *m = a->migrations; m; m = m->next)
+		if (m->incoming == incoming && !m->done)
+			n++;
+	return n;
+}
+
+int agent_migration_create(struct agent *a, const struct migration_request *req,
+			   uint64_t *ret_id, struct agent_error *err)
+{
+	const struct ferry_config_migration *d = &a->cfg.migration;
+	char host[300];
+	uint16_t port;
+
+	if (ferry_config_parse_hostport(req->dest, host, sizeof(host), &port) < 0 || port == 0)
+		return agent_err(err, -EINVAL, "invalid_argument",
+				 "destination '%s' is not HOST:PORT", req->dest);
+	if (req->streams > XPORT_MAX_STREAMS)
+		return agent_err(err, -EINVAL, "invalid_argument", "streams must be 1..%u",
+				 XPORT_MAX_STREAMS);
+	if (req->downtime_ms > 60000)
+		return agent_err(err, -EINVAL, "invalid_argument",
+				 "downtime_ms must be 1..60000");
+	if (req->transport == MIG_TRANSPORT_RDMA)
+		return agent_err(err, -EOPNOTSUPP, "invalid_argument",
+				 "transport rdma: no RDMA device on this agent; use tcp or auto");
+	struct agent_vm *v = agent_vm_get(a, req->vm, err);
+	if (!v)
+		return -ENOENT;
+	struct migration *m = migration_alloc(a, false);
+	if (!m) {
+		agent_vm_put(a, v);
+		return agent_err(err, -ENOMEM, "internal", "out of memory");
+	}
+	m->req = *req;
+	if (!m->req.downtime_ms)
+		m->req.downtime_ms = d->downtime_ms;
+	if (!m->req.bandwidth)
+		m->req.bandwidth = d->bandwidth;
+	if (!m->req.streams)
+		m->req.streams = d->streams;
+	m->info.verify = req->verify < 0 ? d->verify : req->verify != 0;
+	m->info.downtime_target_ms = m->req.downtime_ms;
+	snprintf(m->info.vm, sizeof(m->info.vm), "%s", req->vm);
+	snprintf(m->info.peer, sizeof(m->info.peer), "%s", req->dest);
+	m->vm = v;
+
+	int r = 0;
+	pthread_mutex_lock(&a->lock);
+	if (a->shutting_down)
+		r = agent_err(err, -ESHUTDOWN, "unavailable", "the agent is shutting down");
+	else if (v->migration_id)
+		r = agent_err(err, -EBUSY, "conflict", "VM '%s' is already in migration %llu",
+			      req->vm, (unsigned long long)v->migration_id);
+	else if (active(a, false) >= a->cfg.limits.max_outgoing)
+		r = agent_err(err, -EBUSY, "busy",
+			      "%u outgoing migrations already run (limits.max_outgoing)",
+			      a->cfg.limits.max_outgoing);
+	else if (vm_state(v->vm) == VM_FAILED)
+		r = agent_err(err, -EIO, "conflict", "VM '%s' has failed", req->vm);
+	if (r == 0) {
+		/* Hold the VM and list the job under the same lock that checked them. */
+		m->id = a->next_migration_id++;
+		m->info.id = m->id;
+		v->migration_id = m->id;
+		m->next = a->migrations;
+		a->migrations = m;
+	}
+	pthread_mutex_unlock(&a->lock);
+	if (r < 0) {
+		agent_vm_put(a, v);
+		migration_release(m);
+		return r;
+	}
+	r = migration_start(a, m, err);
+	if (r < 0) {
+		release_vm_hold(m);
+		return r; /* stays listed as failed; freed with the agent */
+	}
+	*ret_id = m->id;
+	return 0;
+}
+
+static struct migration *find(struct agent *a, uint64_t id)
+{
+	for (struct migration *m = a->migrations; m; m = m->next)
+		if (m->id == id)
+			return m;
+	return NULL;
+}
+
+int agent_migration_info(struct agent *a, uint64_t id, struct migration_info *ret,
+			 struct agent_error *err)
+{
+	pthread_mutex_lock(&a->lock);
+	struct migration *m = find(a, id);
+	if (m) {
+		pthread_mutex_lock(&m->lock);
+		*ret = m->info;
+		pthread_mutex_unlock(&m->lock);
+	}
+	pthread_mutex_unlock(&a->lock);
+	if (!m)
+		return agent_err(err, -ENOENT, "not_found", "no migration %llu",
+				 (unsigned long long)id);
+	return 0;
+}
+
+int agent_migration_list(struct agent *a, struct migration_info **ret, unsigned *ret_n,
+			 struct agent_error *err)
+{
+	pthread_mutex_lock(&a->lock);
+	unsigned n = 0;
+	for (struct migration *m = a->migrations; m; m = m->next)
+		n++;
+	struct migration_info *out = calloc(n ? n : 1, sizeof(*out));
+	unsigned i = n;
+	for (struct migration *m = a->migrations; out && m; m = m->next) {
+		pthread_mutex_lock(&m->lock);
+		out[--i] = m->info; /* oldest first */
+		pthread_mutex_unlock(&m->lock);
+	}
+	pthread_mutex_unlock(&a->lock);
+	if (!out)
+		return agent_err(err, -ENOMEM, "internal", "out of memory");
+	*ret = out;
+	*ret_n = n;
+	return 0;
+}
+
+static int request(struct agent *a, uint64_t id, bool cancel, struct agent_error *err)
+{
+	int r = 0;
+	pthread_mutex_lock(&a->lock);
+	struct migration *m = find(a, id);
+	if (!m) {
+		pthread_mutex_unlock(&a->lock);
+		return agent_err(err, -ENOENT, "not_found", "no migration %llu",
+				 (unsigned long long)id);
+	}
+	pthread_mutex_lock(&m->lock);
+	if (state_final(m->info.state) || m->done)
+		r = agent_err(err, -EALREADY, "conflict", "migration %llu already %s",
+			      (unsigned long long)id, migration_state_name(m->info.state));
+	else if (m->committed || m->info.state == MIG_COMMITTING ||
+		 m->info.state == MIG_UNCERTAIN || m->info.state == MIG_DEST_READY)
+		r = agent_err(err, -EBUSY, "conflict",
+			      "migration %llu is committing; the destination decides now",
+			      (unsigned long long)id);
+	else if (cancel) {
+		m->cancel = true;
+		interrupt_locked(m);
+	} else if (m->incoming)
+		r = agent_err(err, -EINVAL, "invalid_argument",
+			      "switch-over is requested on the source agent");
+	else
+		m->switchover = true;
+	pthread_mutex_unlock(&m->lock);
+	pthread_mutex_unlock(&a->lock);
+	return r;
+}
+
+int agent_migration_cancel(struct agent *a, uint64_t id, struct agent_error *err)
+{
+	return request(a, id, true, err);
+}
+
+int agent_migration_switchover(struct agent *a, uint64_t id, struct agent_error *err)
+{
+	return request(a, id, false, err);
+}
+
+/* Reads exactly n bytes within the deadline (the first frame must not over-read: on a data
+ * stream, page bytes follow it). */
+static int read_exact(int fd, void *buf, size_t n, int timeout_ms)
+{
+	uint64_t deadline = agent_mono_ns() + (uint64_t)timeout_ms * 1000000ull;
+	size_t got = 0;
+	while (got < n) {
+		uint64_t now = agent_mono_ns();
+		if (now >= deadline)
+			return -ETIMEDOUT;
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		int pr = poll(&p, 1, (int)((deadline - now) / 1000000ull) + 1);
+		if (pr < 0 && errno != EINTR)
+			return -errno;
+		if (pr <= 0)
+			continue;
+		ssize_t r = recv(fd, (char *)buf + got, n - got, 0);
+		if (r == 0)
+			return -ECONNRESET;
+		if (r < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			return -errno;
+		}
+		got += (size_t)r;
+	}
+	return 0;
+}
+
+struct conn_arg {
+	struct agent *a;
+	int fd;
+};
+
+static void answer_decision(struct agent *a, int fd, const void *p, size_t len)
+{
+	struct proto_decision_req dq;
+	struct proto_decision d = {.decision = PROTO_DECIDED_UNKNOWN};
+	char err[128];
+	struct xctl *c = NULL;
+	if (proto_decode_decision_req(p, len, &dq, err, sizeof(err)) < 0) {
+		agent_log(a, LOG_WARN, "listener: bad DECISION_REQ: %s", err);
+		close(fd);
+		return;
+	}
+	d.migration_id = dq.migration_id;
+	/* A live incoming migration for that id settles now: not decided yet = NOT_RUN. */
+	pthread_mutex_lock(&a->lock);
+	for (struct migration *m = a->migrations; m; m = m->next) {
+		if (m->incoming && m->remote_id == dq.migration_id &&
+		    memcmp(m->token, dq.token, PROTO_TOKEN_LEN) == 0) {
+			d.decision = decide(m, PROTO_DECIDED_NOT_RUN);
+			if (d.decision == PROTO_DECIDED_NOT_RUN) {
+				pthread_mutex_lock(&m->lock);
+				m->cancel = true;
+				interrupt_locked(m);
+				pthread_mutex_unlock(&m->lock);
+			}
+		}
+	}
+	struct decision_rec *recs = a->decisions;
+	for (unsigned i = 0; recs && i < DECISIONS_KEPT && d.decision == PROTO_DECIDED_UNKNOWN;
+	     i++)
+		if (recs[i].remote_id == dq.migration_id &&
+		    memcmp(recs[i].token, dq.token, PROTO_TOKEN_LEN) == 0)
+			d.decision = recs[i].decision;
+	pthread_mutex_unlock(&a->lock);
+	if (d.decision == PROTO_DECIDED_UNKNOWN) {
+		char path[PATH_MAX + 96];
+		decision_path(a, dq.migration_id, dq.token, path, sizeof(path));
+		if (access(path, F_OK) == 0)
+			d.decision = PROTO_DECIDED_RUN;
+	}
+	agent_log(a, LOG_INFO, "decision asked for migration %llu: %s",
+		  (unsigned long long)dq.migration_id,
+		  d.decision == PROTO_DECIDED_RUN       ? "run"
+		  : d.decision == PROTO_DECIDED_NOT_RUN ? "not run"
+							: "unknown");
+	void *buf = NULL;
+	size_t blen = 0;
+	if (xctl_from_fd(fd, &c) < 0) {
+		close(fd);
+		return;
+	}
+	if (proto_encode_decision(&d, &buf, &blen) == 0)
+		xctl_send(c, PROTO_DECISION, buf, blen);
+	free(buf);
+	xctl_free(c);
+}
+
+static void incoming_hello(struct agent *a, int fd, const void *p, size_t len)
+{
+	char err[160];
+	struct migration *m = migration_alloc(a, true);
+	struct agent_error aerr = {0};
+	if (!m) {
+		close(fd);
+		return;
+	}
+	if (xctl_from_fd(fd, &m->ctl) < 0) {
+		close(fd);
+		migration_release(m);
+		return;
+	}
+	snprintf(m->info.peer, sizeof(m->info.peer), "%s", xctl_peer(m->ctl));
+	int r = proto_decode_hello(p, len, &m->hello, err, sizeof(err));
+	uint32_t code = 0;
+	if (r < 0) {
+		code = PROTO_E_PROTOCOL;
+	} else if (m->hello.min_version > PROTO_VERSION || m->hello.max_version < PROTO_VERSION) {
+		code = PROTO_E_VERSION;
+		snprintf(err, sizeof(err), "no common protocol version (we speak %u, peer %u..%u)",
+			 PROTO_VERSION, m->hello.min_version, m->hello.max_version);
+	} else if (getrandom(m->token, sizeof(m->token), 0) != (ssize_t)sizeof(m->token)) {
+		code = PROTO_E_INTERNAL;
+		snprintf(err, sizeof(err), "no randomness for the stream token");
+	}
+	pthread_mutex_lock(&a->lock);
+	if (!code && a->shutting_down) {
+		code = PROTO_E_SHUTDOWN;
+		snprintf(err, sizeof(err), "agent %s is shutting down", a->cfg.name);
+	} else if (!code && active(a, true) >= a->cfg.limits.max_incoming) {
+		code = PROTO_E_BUSY;
+		snprintf(err, sizeof(err), "agent %s is at its limit of %u incoming migrations",
+			 a->cfg.name, a->cfg.limits.max_incoming);
+	}
+	pthread_mutex_unlock(&a->lock);
+	if (code) {
+		agent_log(a, LOG_WARN, "refusing migration from %s: %s", xctl_peer(m->ctl), err);
+		dest_refuse(m, code, "%s", err);
+		migration_release(m);
+		return;
+	}
+	m->remote_id = m->hello.migration_id;
+	m->info.verify = (m->hello.caps & PROTO_CAP_VERIFY) != 0;
+	pthread_mutex_lock(&a->lock);
+	m->id = a->next_migration_id++;
+	m->info.id = m->id;
+	m->next = a->migrations;
+	a->migrations = m;
+	pthread_mutex_unlock(&a->lock);
+	if (migration_start(a, m, &aerr) < 0)
+		agent_log(a, LOG_ERROR, "incoming migration: %s", aerr.message);
+}
+
+static void incoming_stream(struct agent *a, int fd, const void *p, size_t len)
+{
+	struct proto_stream_hello sh;
+	char err[128];
+	int r = -ENOENT;
+	if (proto_decode_stream_hello(p, len, &sh, err, sizeof(err)) < 0) {
+		agent_log(a, LOG_WARN, "listener: bad STREAM_HELLO: %s", err);
+		close(fd);
+		return;
+	}
+	pthread_mutex_lock(&a->lock);
+	for (struct migration *m = a->migrations; m; m = m->next) {
+		if (m->incoming && !m->done && m->dst &&
+		    memcmp(m->token, sh.token, PROTO_TOKEN_LEN) == 0) {
+			r = xport_dst_add_stream(m->dst, fd, sh.stream);
+			break;
+		}
+	}
+	pthread_mutex_unlock(&a->lock);
+	if (r < 0) {
+		agent_log(a, LOG_WARN, "listener: data stream %u with an unknown token or refused: %s",
+			  sh.stream, strerror(-r));
+		close(fd);
+	}
+}
+
+static void *conn_thread(void *arg)
+{
+	struct conn_arg *ca = arg;
+	struct agent *a = ca->a;
+	int fd = ca->fd;
+	free(ca);
+	uint8_t hdr[PROTO_HDR_LEN];
+	struct proto_hdr h;
+	void *payload = NULL;
+	int r = read_exact(fd, hdr, sizeof(hdr), FIRST_FRAME_TIMEOUT_MS);
+	if (r == 0)
+		r = proto_hdr_decode(hdr, PROTO_MAX_CTRL_PAYLOAD, &h);
+	if (r == 0 && h.type != PROTO_HELLO && h.type != PROTO_STREAM_HELLO &&
+	    h.type != PROTO_DECISION_REQ)
+		r = -EPROTO;
+	if (r == 0 && h.len) {
+		payload = malloc(h.len);
+		r = payload ? read_exact(fd, payload, h.len, FIRST_FRAME_TIMEOUT_MS) : -ENOMEM;
+	}
+	if (r < 0) {
+		agent_log(a, LOG_WARN, "listener: dropping a connection: %s",
+			  r == -EPROTO || r == -EBADMSG ? "not a ferry peer (bad first frame)"
+							: strerror(-r));
+		free(payload);
+		close(fd);
+		return NULL;
+	}
+	if (h.type == PROTO_HELLO)
+		incoming_hello(a, fd, payload, h.len);
+	else if (h.type == PROTO_STREAM_HELLO)
+		incoming_stream(a, fd, payload, h.len);
+	else
+		answer_decision(a, fd, payload, h.len);
+	free(payload);
+	return NULL;
+}
+
+int migration_listener_dispatch(struct agent *a, int fd)
+{
+	pthread_attr_t attr;
+	pthread_t t;
+	struct conn_arg *ca = malloc(sizeof(*ca));
+	if (!ca) {
+		close(fd);
+		return -ENOMEM;
+	}
+	ca->a = a;
+	ca->fd = fd;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	int r = pthread_create(&t, &attr, conn_thread, ca);
+	pthread_attr_destroy(&attr);
+	if (r) {
+		free(ca);
+		close(fd);
+		return -r;
+	}
+	pthread_setname_np(t, "accept");
+	return 0;
+}
+
+void migration_shutdown_all(struct agent *a)
+{
+	pthread_mutex_lock(&a->lock);
+	for (struct migration *m = a->migrations; m; m = m->next) {
+		pthread_mutex_lock(&m->lock);
+		if (!m->committed && !m->done && m->decision == PROTO_DECIDED_UNKNOWN) {
+			m->cancel = true;
+			interrupt_locked(m);
+		}
+		pthread_mutex_unlock(&m->lock);
+	}
+	/* Wait for every job; committing ones finish by themselves (bounded timeouts). */
+	for (;;) {
+		bool busy = false;
+		for (struct migration *m = a->migrations; m; m = m->next)
+			busy |= !m->done;
+		if (!busy)
+			break;
+		pthread_cond_wait(&a->cond, &a->lock);
+	}
+	pthread_mutex_unlock(&a->lock);
+}
+
+void migration_free_all(struct agent *a)
+{
+	pthread_mutex_lock(&a->lock);
+	struct migration *m = a->migrations;
+	a->migrations = NULL;
+	pthread_mutex_unlock(&a->lock);
+	while (m) {
+		struct migration *next = m->next;
+		if (m->thread_started)
+			pthread_join(m->thread, NULL);
+		migration_release(m);
+		m = next;
+	}
+	free(a->decisions);
+	a->decisions = NULL;
+}
