@@ -1,0 +1,1278 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * The TCP data path (struct xport_src / struct xport_dst, transport.h). The source runs one
+ * thread per stream ("send-sN"), each with its own socket and its own page reader (its own
+ * io_uring): a batch is split over the streams, every stream reads its share with READ_FIXED
+ * into registered buffers and sends each chunk as one PAGES frame straight from the buffer
+ * (zero pages only as bits of the frame's mask), then a FENCE. The destination runs one
+ * thread per stream ("recv-sN") that checks every frame against the registered regions and
+ * receives page bytes directly into guest memory.
+ *
+ * Which stream carries a page is a function of the page's address, not of the batch: a page
+ * sent in round k and again in round k+1 travels both times on the same stream, so TCP's
+ * in-order delivery guarantees the newer copy lands last. Splitting by count alone would let
+ * round k's copy, still queued on a slow stream, overwrite round k+1's on the destination.
+ * The address space is cut into stripes (a reader batch, at least 64 pages) and each group
+ * of `streams` consecutive stripes is dealt out to all streams with a pseudo-random rotation:
+ * contiguous memory spreads evenly, and strided dirty patterns do not pile onto one stream.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "transport/xport_internal.h"
+
+#define PAGE PAGEREADER_PAGE_SIZE
+#define SRC_CONNECT_TIMEOUT_MS 10000
+#define SOCK_BUF_BYTES (4 << 20)
+#define MIN_STRIPE_PAGES 64u
+/* At most every other page of a chunk starts a data span, plus the header. */
+#define MAX_SPANS (PROTO_PAGES_MAX / 2 + 1)
+#define PAGES_HDR_MAX PROTO_PAGES_HDR_LEN(PROTO_PAGES_MAX)
+/* Token bucket: at most this much credit accumulates while idle (20 ms worth, >= 256 KiB). */
+#define BUCKET_BURST_DIV 50
+#define BUCKET_MIN_BURST (256u << 10)
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!err || !errlen)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static uint64_t mix64(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return x ^ (x >> 31);
+}
+
+static int set_blocking(int fd)
+{
+	int flags = fcntl(fd, F_GETFL);
+
+	if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0)
+		return -errno;
+	return 0;
+}
+
+/* ======================= source ======================= */
+
+struct tcp_src;
+
+struct src_stream {
+	struct tcp_src *x;
+	unsigned idx;
+	int fd;
+	pthread_t thread;
+	bool thread_started;          /* joined by free */
+	struct pagereader *reader;    /* created, used and freed on this stream's thread */
+
+	/*
+	 * This stream's share of the batch. The engine thread writes them before it bumps
+	 * x->gen under x->lock; this thread reads them after it saw the new gen under the same
+	 * lock, so the lock orders the two and they need no lock of their own.
+	 */
+	struct page_run *runs;
+	unsigned nr_runs, runs_cap;
+	uint64_t fence;
+	unsigned gen_seen;
+
+	/* Frame + PAGES header and iovecs of the chunk being sent: consume allocates nothing. */
+	uint8_t hdrbuf[PROTO_HDR_LEN + PAGES_HDR_MAX];
+	struct iovec iov[MAX_SPANS + 1];
+};
+
+struct tcp_src {
+	struct xport_src base;
+	unsigned nr_streams;
+	struct src_stream *streams;
+	unsigned nr_regions;
+	int *region_fds;         /* the caller's, only used (by the threads) until new returns */
+	uint64_t *region_pages;
+	struct pagereader_config reader_cfg;
+	unsigned stripe_pages;
+
+	/*
+	 * Written (never read back, never drained) to stop every stream at once: by cancel, or
+	 * by the first stream that fails. Stays readable, so every later wait sees it too.
+	 */
+	int stop_fd;
+	atomic_bool stop;      /* the same, cheap to test per chunk */
+	atomic_bool cancelled; /* xport_src_cancel() was called: -ECANCELED from now on */
+	int broken;            /* sticky error of a failed batch; engine thread only */
+
+	/*
+	 * Batch hand-off between the engine thread and the stream threads: gen, nr_done,
+	 * first_err, quit, nr_started, start_err. work_cond: a new gen or quit (to streams);
+	 * done_cond: a stream started or finished its batch (to the engine).
+	 */
+	pthread_mutex_t lock;
+	pthread_cond_t work_cond;
+	pthread_cond_t done_cond;
+	unsigned gen;
+	unsigned nr_done;
+	int first_err;
+	bool quit;
+	unsigned nr_started;
+	int start_err;
+
+	/* The bandwidth cap, one bucket shared by all streams: rate, tokens, last_ns. */
+	pthread_mutex_t bucket_lock;
+	uint64_t rate; /* bytes/s, 0 = unlimited */
+	double tokens;
+	int64_t last_ns;
+
+	_Atomic uint64_t bytes, pages, zero_pages, batches;
+};
+
+static struct tcp_src *to_src(struct xport_src *x)
+{
+	return container_of(x, struct tcp_src, base);
+}
+
+static void src_stop_all(struct tcp_src *x)
+{
+	uint64_t one = 1;
+
+	atomic_store(&x->stop, true);
+	(void)!write(x->stop_fd, &one, sizeof(one));
+}
+
+/*
+ * Sends the whole iovec (modified in place), waiting for socket space in poll() beside the
+ * stop eventfd, so a cancel or another stream's failure gets a stream out of a full socket.
+ */
+static int src_sendv(struct src_stream *s, struct iovec *iov, size_t cnt, int flags)
+{
+	struct tcp_src *x = s->x;
+
+	while (cnt) {
+		struct msghdr msg = { .msg_iov = iov, .msg_iovlen = cnt };
+		ssize_t n = sendmsg(s->fd, &msg, flags | MSG_DONTWAIT | MSG_NOSIGNAL);
+
+		if (n >= 0) {
+			cnt = iov_advance(&iov, cnt, (size_t)n);
+			continue;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN)
+			return errno == EPIPE ? -ECONNRESET : -errno;
+		/*
+		 * No timeout here: a peer that vanished makes the socket fail on its own
+		 * (TCP_USER_TIMEOUT), and one that is alive but slow is the engine's to judge.
+		 */
+		struct pollfd pfd[2] = {
+			{ .fd = s->fd, .events = POLLOUT },
+			{ .fd = x->stop_fd, .events = POLLIN },
+		};
+		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+			return -errno;
+		if (pfd[1].revents & POLLIN)
+			return -ECANCELED;
+	}
+	return 0;
+}
+
+/* Takes `bytes` from the shared bucket and sleeps off any debt (abortable by a stop). */
+static int src_throttle(struct tcp_src *x, uint64_t bytes)
+{
+	int64_t wait_ns = 0;
+
+	pthread_mutex_lock(&x->bucket_lock);
+	if (x->rate) {
+		int64_t now = now_ns();
+		double burst = (double)x->rate / BUCKET_BURST_DIV;
+
+		if (burst < BUCKET_MIN_BURST)
+			burst = BUCKET_MIN_BURST;
+		x->tokens += (double)(now - x->last_ns) * (double)x->rate / 1e9;
+		if (x->tokens > burst)
+			x->tokens = burst;
+		x->last_ns = now;
+		/* Debt, not refusal: concurrent streams queue up behind each other's debt. */
+		x->tokens -= (double)bytes;
+		if (x->tokens < 0)
+			wait_ns = (int64_t)(-x->tokens * 1e9 / (double)x->rate);
+	}
+	pthread_mutex_unlock(&x->bucket_lock);
+
+	if (wait_ns <= 0)
+		return 0;
+	struct pollfd pfd = { .fd = x->stop_fd, .events = POLLIN };
+	struct timespec ts = { .tv_sec = wait_ns / 1000000000, .tv_nsec = wait_ns % 1000000000 };
+	int r = ppoll(&pfd, 1, &ts, NULL);
+	if (r > 0)
+		return -ECANCELED;
+	return 0; /* slept (an EINTR only shortens one sleep; the debt carries over) */
+}
+
+/* The page reader's consumer: one PAGES frame per chunk, sent from the registered buffer. */
+static int src_consume(void *arg, const struct page_chunk *c)
+{
+	struct src_stream *s = arg;
+	struct tcp_src *x = s->x;
+	struct proto_pages ph = { .region = c->region, .first_page = c->first_page,
+				  .npages = c->npages };
+	unsigned words = (c->npages + 63) / 64, nr_zero = 0;
+	size_t hl, cnt = 1;
+	uint64_t data = 0;
+	int r;
+
+	if (atomic_load_explicit(&x->stop, memory_order_relaxed))
+		return -ECANCELED;
+	memcpy(ph.zero_mask, c->zero_mask, words * sizeof(uint64_t));
+	if (c->npages % 64)
+		ph.zero_mask[words - 1] &= (1ull << (c->npages % 64)) - 1;
+	hl = proto_encode_pages_hdr(&ph, s->hdrbuf + PROTO_HDR_LEN, PAGES_HDR_MAX);
+	if (!hl)
+		return -EINVAL;
+
+	/* One iovec per run of non-zero pages, pointing into the reader's buffer. */
+	for (uint32_t i = 0; i < c->npages;) {
+		if (page_chunk_page_is_zero(c, i)) {
+			nr_zero++;
+			i++;
+			continue;
+		}
+		uint32_t j = i + 1;
+		while (j < c->npages && !page_chunk_page_is_zero(c, j))
+			j++;
+		s->iov[cnt].iov_base = (void *)(c->data + (size_t)i * PAGE);
+		s->iov[cnt].iov_len = (size_t)(j - i) * PAGE;
+		data += (uint64_t)(j - i) * PAGE;
+		cnt++;
+		i = j;
+	}
+	proto_hdr_encode(s->hdrbuf, PROTO_PAGES, (uint32_t)(hl + data));
+	s->iov[0].iov_base = s->hdrbuf;
+	s->iov[0].iov_len = PROTO_HDR_LEN + hl;
+
+	uint64_t total = PROTO_HDR_LEN + hl + data;
+	r = src_throttle(x, total);
+	if (r < 0)
+		return r;
+	/* MSG_MORE: full segments for bulk data; the FENCE (sent without it) pushes them out. */
+	r = src_sendv(s, s->iov, cnt, MSG_MORE);
+	if (r < 0)
+		return r;
+	atomic_fetch_add_explicit(&x->bytes, total, memory_order_relaxed);
+	atomic_fetch_add_explicit(&x->pages, c->npages - nr_zero, memory_order_relaxed);
+	atomic_fetch_add_explicit(&x->zero_pages, nr_zero, memory_order_relaxed);
+	return 0;
+}
+
+/* A small frame (payload from a proto encoder), sent without MSG_MORE so it leaves now. */
+static int src_send_frame(struct src_stream *s, uint16_t type, void *payload, size_t len)
+{
+	uint8_t hdr[PROTO_HDR_LEN];
+	struct iovec iov[2] = {
+		{ .iov_base = hdr, .iov_len = sizeof(hdr) },
+		{ .iov_base = payload, .iov_len = len },
+	};
+
+	proto_hdr_encode(hdr, type, (uint32_t)len);
+	return src_sendv(s, iov, 2, 0);
+}
+
+static int src_stream_batch(struct src_stream *s)
+{
+	struct proto_fence f = { .fence = s->fence };
+	void *payload = NULL;
+	size_t len = 0;
+	int r;
+
+	if (s->nr_runs) {
+		r = pagereader_read(s->reader, s->runs, s->nr_runs, src_consume, s);
+		if (r < 0)
+			return r;
+	}
+	r = proto_encode_fence(&f, &payload, &len);
+	if (r < 0)
+		return r;
+	r = src_send_frame(s, PROTO_FENCE, payload, len);
+	free(payload);
+	if (r >= 0)
+		atomic_fetch_add_explicit(&s->x->bytes, PROTO_HDR_LEN + len, memory_order_relaxed);
+	return r;
+}
+
+static void *src_stream_main(void *arg)
+{
+	struct src_stream *s = arg;
+	struct tcp_src *x = s->x;
+	char name[16];
+	int r;
+
+	snprintf(name, sizeof(name), "send-s%u", s->idx);
+	pthread_setname_np(pthread_self(), name);
+
+	/* The reader (its ring) belongs to this thread: it is made, used and freed here. */
+	uint64_t sizes[XPORT_MAX_REGIONS];
+	for (unsigned i = 0; i < x->nr_regions; i++)
+		sizes[i] = x->region_pages[i] * PAGE;
+	r = pagereader_new(&x->reader_cfg, x->region_fds, sizes, x->nr_regions, &s->reader);
+
+	pthread_mutex_lock(&x->lock);
+	x->nr_started++;
+	if (r < 0 && !x->start_err)
+		x->start_err = r;
+	pthread_cond_broadcast(&x->done_cond);
+	if (r < 0) {
+		pthread_mutex_unlock(&x->lock);
+		return NULL;
+	}
+	for (;;) {
+		while (!x->quit && s->gen_seen == x->gen)
+			pthread_cond_wait(&x->work_cond, &x->lock);
+		if (x->quit)
+			break;
+		s->gen_seen = x->gen;
+		pthread_mutex_unlock(&x->lock);
+
+		r = src_stream_batch(s);
+
+		pthread_mutex_lock(&x->lock);
+		if (r < 0 && !x->first_err) {
+			/* First failure wins; the others are stopped and report what it was. */
+			x->first_err = r;
+			src_stop_all(x);
+		}
+		x->nr_done++;
+		pthread_cond_broadcast(&x->done_cond);
+	}
+	pthread_mutex_unlock(&x->lock);
+	pagereader_free(s->reader);
+	s->reader = NULL;
+	return NULL;
+}
+
+static int runs_reserve(struct src_stream *s, unsigned want)
+{
+	if (want <= s->runs_cap)
+		return 0;
+	unsigned cap = s->runs_cap ? s->runs_cap : 64;
+	while (cap < want)
+		cap *= 2;
+	struct page_run *n = realloc(s->runs, (size_t)cap * sizeof(*n));
+	if (!n)
+		return -ENOMEM;
+	s->runs = n;
+	s->runs_cap = cap;
+	return 0;
+}
+
+/* Which stream carries stripe `stripe` of `region` (see the top of the file). */
+static unsigned stripe_stream(const struct tcp_src *x, uint32_t region, uint64_t stripe)
+{
+	uint64_t n = x->nr_streams, group = stripe / n;
+
+	if (n == 1)
+		return 0;
+	return (unsigned)((stripe % n + mix64(((uint64_t)region << 48) ^ group)) % n);
+}
+
+static int src_append(struct src_stream *s, uint32_t region, uint64_t first, uint32_t npages)
+{
+	if (s->nr_runs) {
+		struct page_run *last = &s->runs[s->nr_runs - 1];
+		/* Neighbouring stripes dealt to the same stream: one run, fewer reads. */
+		if (last->region == region && last->first_page + last->npages == first &&
+		    (uint64_t)last->npages + npages <= UINT32_MAX) {
+			last->npages += npages;
+			return 0;
+		}
+	}
+	int r = runs_reserve(s, s->nr_runs + 1);
+	if (r < 0)
+		return r;
+	s->runs[s->nr_runs++] = (struct page_run){ .region = region, .first_page = first,
+						   .npages = npages };
+	return 0;
+}
+
+static int src_distribute(struct tcp_src *x, const struct page_run *runs, unsigned n,
+			  uint64_t fence)
+{
+	for (unsigned i = 0; i < x->nr_streams; i++) {
+		x->streams[i].nr_runs = 0;
+		x->streams[i].fence = fence;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		uint64_t p = runs[i].first_page, end = p + runs[i].npages;
+		while (p < end) {
+			uint64_t stripe = p / x->stripe_pages;
+			uint64_t e = (stripe + 1) * x->stripe_pages;
+			if (e > end)
+				e = end;
+			int r = src_append(&x->streams[stripe_stream(x, runs[i].region, stripe)],
+					   runs[i].region, p, (uint32_t)(e - p));
+			if (r < 0)
+				return r;
+			p = e;
+		}
+	}
+	return 0;
+}
+
+static int src_send(struct xport_src *base, const struct page_run *runs, unsigned n,
+		    uint64_t fence)
+{
+	struct tcp_src *x = to_src(base);
+	int r;
+
+	if (atomic_load(&x->cancelled))
+		return -ECANCELED;
+	if (x->broken)
+		return x->broken;
+	if (n && !runs)
+		return -EINVAL;
+	/* Checked here, not by the readers, so a bad run fails the batch before any byte moves. */
+	for (unsigned i = 0; i < n; i++) {
+		if (runs[i].region >= x->nr_regions || !runs[i].npages ||
+		    runs[i].first_page > x->region_pages[runs[i].region] ||
+		    runs[i].npages > x->region_pages[runs[i].region] - runs[i].first_page)
+			return -EINVAL;
+	}
+	r = src_distribute(x, runs, n, fence);
+	if (r < 0)
+		return r;
+
+	pthread_mutex_lock(&x->lock);
+	x->nr_done = 0;
+	x->first_err = 0;
+	x->gen++;
+	pthread_cond_broadcast(&x->work_cond);
+	while (x->nr_done < x->nr_streams)
+		pthread_cond_wait(&x->done_cond, &x->lock);
+	r = x->first_err;
+	pthread_mutex_unlock(&x->lock);
+
+	if (atomic_load(&x->cancelled))
+		r = -ECANCELED;
+	if (r < 0) {
+		/* Some streams may have stopped mid-frame: none of them can be used again. */
+		x->broken = r;
+		return r;
+	}
+	atomic_fetch_add_explicit(&x->batches, 1, memory_order_relaxed);
+	return 0;
+}
+
+static void src_set_bandwidth(struct xport_src *base, uint64_t bytes_per_sec)
+{
+	struct tcp_src *x = to_src(base);
+
+	pthread_mutex_lock(&x->bucket_lock);
+	if (x->rate != bytes_per_sec) {
+		/* A new cap starts with a full burst's credit, as the first one did. */
+		x->rate = bytes_per_sec;
+		x->tokens = (double)bytes_per_sec / BUCKET_BURST_DIV;
+		if (x->tokens < BUCKET_MIN_BURST)
+			x->tokens = BUCKET_MIN_BURST;
+		x->last_ns = now_ns();
+	}
+	pthread_mutex_unlock(&x->bucket_lock);
+}
+
+static void src_cancel(struct xport_src *base)
+{
+	struct tcp_src *x = to_src(base);
+
+	atomic_store(&x->cancelled, true);
+	src_stop_all(x);
+}
+
+static void src_stats(const struct xport_src *base, struct xport_src_stats *ret)
+{
+	struct tcp_src *x = container_of(base, struct tcp_src, base);
+
+	ret->bytes = atomic_load_explicit(&x->bytes, memory_order_relaxed);
+	ret->pages = atomic_load_explicit(&x->pages, memory_order_relaxed);
+	ret->zero_pages = atomic_load_explicit(&x->zero_pages, memory_order_relaxed);
+	ret->batches = atomic_load_explicit(&x->batches, memory_order_relaxed);
+}
+
+static void src_free(struct xport_src *base)
+{
+	struct tcp_src *x = to_src(base);
+
+	if (x->streams) {
+		pthread_mutex_lock(&x->lock);
+		x->quit = true;
+		pthread_cond_broadcast(&x->work_cond);
+		pthread_mutex_unlock(&x->lock);
+		for (unsigned i = 0; i < x->nr_streams; i++) {
+			struct src_stream *s = &x->streams[i];
+			if (s->thread_started)
+				pthread_join(s->thread, NULL);
+			if (s->fd >= 0)
+				close(s->fd);
+			free(s->runs);
+		}
+		free(x->streams);
+	}
+	if (x->stop_fd >= 0)
+		close(x->stop_fd);
+	pthread_cond_destroy(&x->done_cond);
+	pthread_cond_destroy(&x->work_cond);
+	pthread_mutex_destroy(&x->bucket_lock);
+	pthread_mutex_destroy(&x->lock);
+	free(x->region_pages);
+	free(x);
+}
+
+static const struct xport_src_ops tcp_src_ops = {
+	.name = "tcp",
+	.send = src_send,
+	.set_bandwidth = src_set_bandwidth,
+	.cancel = src_cancel,
+	.stats = src_stats,
+	.free = src_free,
+};
+
+/* Starts the stream threads and waits until each has its page reader (or failed to). */
+static int src_start_threads(struct tcp_src *x, char *err, size_t errlen)
+{
+	int r = 0;
+
+	for (unsigned i = 0; i < x->nr_streams; i++) {
+		r = -pthread_create(&x->streams[i].thread, NULL, src_stream_main, &x->streams[i]);
+		if (r < 0) {
+			set_err(err, errlen, "starting stream thread %u: %s", i, strerror(-r));
+			break;
+		}
+		x->streams[i].thread_started = true;
+	}
+	pthread_mutex_lock(&x->lock);
+	for (unsigned started = 0; started < x->nr_streams; started++) {
+		if (!x->streams[started].thread_started)
+			break;
+		while (x->nr_started <= started)
+			pthread_cond_wait(&x->done_cond, &x->lock);
+	}
+	if (!r && x->start_err) {
+		r = x->start_err;
+		set_err(err, errlen, "page reader: %s%s", strerror(-r),
+			r == -ENOMEM ? " (RLIMIT_MEMLOCK too low for the registered buffers?)"
+				     : "");
+	}
+	pthread_mutex_unlock(&x->lock);
+	return r;
+}
+
+static int src_open_stream(struct src_stream *s, const char *hostport,
+			   const uint8_t token[XPORT_TOKEN_LEN], char *err, size_t errlen)
+{
+	struct proto_stream_hello h = { .stream = s->idx };
+	void *payload = NULL;
+	size_t len = 0;
+	int one = 1, r;
+
+	r = tcp_connect(hostport, SRC_CONNECT_TIMEOUT_MS, SOCK_BUF_BYTES, &s->fd, err, errlen);
+	if (r < 0)
+		return r;
+	/* Small frames (FENCE) must leave at once; bulk data is batched with MSG_MORE. */
+	(void)setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	memcpy(h.token, token, XPORT_TOKEN_LEN);
+	r = proto_encode_stream_hello(&h, &payload, &len);
+	if (r < 0)
+		return r;
+	r = src_send_frame(s, PROTO_STREAM_HELLO, payload, len);
+	free(payload);
+	if (r < 0)
+		set_err(err, errlen, "stream %u to %s: STREAM_HELLO: %s", s->idx, hostport,
+			strerror(-r));
+	return r;
+}
+
+int xport_src_tcp_new(const struct xport_src_config *cfg, const char *hostport,
+		      const uint8_t token[XPORT_TOKEN_LEN], const int *region_fds,
+		      const uint64_t *region_sizes, unsigned nr_regions, struct xport_src **ret,
+		      char *err, size_t errlen)
+{
+	struct tcp_src *x;
+	int r;
+
+	if (!cfg || !cfg->streams || cfg->streams > XPORT_MAX_STREAMS || !hostport || !token ||
+	    !region_fds || !region_sizes || !nr_regions || nr_regions > XPORT_MAX_REGIONS ||
+	    !ret) {
+		set_err(err, errlen, "bad transport configuration");
+		return -EINVAL;
+	}
+	for (unsigned i = 0; i < nr_regions; i++) {
+		if (region_sizes[i] % PAGE || region_fds[i] < 0) {
+			set_err(err, errlen, "region %u: bad file or size", i);
+			return -EINVAL;
+		}
+	}
+
+	x = calloc(1, sizeof(*x));
+	if (!x) {
+		set_err(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	x->base.ops = &tcp_src_ops;
+	x->stop_fd = -1;
+	x->nr_regions = nr_regions;
+	x->reader_cfg = cfg->reader;
+	x->rate = 0;
+	/* Mutexes and condvars first: src_free() destroys them whatever else got built. */
+	pthread_mutex_init(&x->lock, NULL);
+	pthread_mutex_init(&x->bucket_lock, NULL);
+	pthread_cond_init(&x->work_cond, NULL);
+	pthread_cond_init(&x->done_cond, NULL);
+
+	x->region_pages = calloc(nr_regions, sizeof(*x->region_pages));
+	if (!x->region_pages) {
+		r = -ENOMEM;
+		set_err(err, errlen, "out of memory");
+		goto err_free;
+	}
+	for (unsigned i = 0; i < nr_regions; i++)
+		x->region_pages[i] = region_sizes[i] / PAGE;
+	x->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (x->stop_fd < 0) {
+		r = -errno;
+		set_err(err, errlen, "eventfd: %s", strerror(-r));
+		goto err_free;
+	}
+	x->streams = calloc(cfg->streams, sizeof(*x->streams));
+	if (!x->streams) {
+		r = -ENOMEM;
+		set_err(err, errlen, "out of memory");
+		goto err_free;
+	}
+	x->nr_streams = cfg->streams;
+	for (unsigned i = 0; i < x->nr_streams; i++) {
+		x->streams[i].x = x;
+		x->streams[i].idx = i;
+		x->streams[i].fd = -1;
+	}
+
+	/* Readers before connections: a memlock failure should not leave the peer half-wired. */
+	x->region_fds = (int *)region_fds;
+	r = src_start_threads(x, err, errlen);
+	x->region_fds = NULL; /* the readers hold their own references now */
+	if (r < 0)
+		goto err_free;
+	{
+		struct pagereader_config eff;
+		pagereader_get_config(x->streams[0].reader, &eff);
+		x->stripe_pages = eff.batch_pages > MIN_STRIPE_PAGES ? eff.batch_pages
+								     : MIN_STRIPE_PAGES;
+	}
+	src_set_bandwidth(&x->base, cfg->bandwidth);
+
+	for (unsigned i = 0; i < x->nr_streams; i++) {
+		r = src_open_stream(&x->streams[i], hostport, token, err, errlen);
+		if (r < 0)
+			goto err_free;
+	}
+	*ret = &x->base;
+	return 0;
+
+err_free:
+	src_free(&x->base);
+	return r;
+}
+
+/* ======================= destination ======================= */
+
+struct tcp_dst;
+
+enum dst_state {
+	DST_IDLE,    /* not added yet */
+	DST_RUNNING, /* receiver thread reading */
+	DST_CLOSED,  /* the source closed it cleanly (or we are shutting down) */
+	DST_FAILED,  /* protocol or connection error (x->err says which) */
+};
+
+struct dst_stream {
+	struct tcp_dst *x;
+	unsigned idx;
+	int fd;
+	pthread_t thread;
+	bool thread_started; /* joined by free */
+
+	/* Under x->lock: */
+	enum dst_state state;
+	bool have_fence;
+	uint64_t fence;
+
+	/* The receiver thread's own scratch: iovecs into guest memory, header bytes, mincore. */
+	struct iovec iov[MAX_SPANS];
+	uint8_t buf[PAGES_HDR_MAX];
+	unsigned char resident[PROTO_PAGES_MAX];
+};
+
+struct dst_region {
+	uint8_t *hva;
+	uint64_t pages;
+	/*
+	 * Bit per page: this receiver wrote data there. Shared by all receivers (a word spans
+	 * pages of several stripes), hence atomic. See dst_zero_pages() for why it exists.
+	 */
+	_Atomic uint64_t *written;
+};
+
+struct tcp_dst {
+	struct xport_dst base;
+	unsigned nr_regions;
+	struct dst_region regions[XPORT_MAX_REGIONS];
+	unsigned expected;
+	struct dst_stream *streams;
+	bool host_pages_4k; /* mincore() reports per 4 KiB page, i.e. per guest page */
+
+	/*
+	 * Stream states and fences, the first error and its reason, the running count.
+	 * cond: a fence advanced or a stream ended (to xport_dst_wait_fence).
+	 */
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int err;
+	char errstr[256]; /* written once, before err is set; never changed after */
+	unsigned running;
+
+	atomic_bool stopping; /* free is tearing down: no more writes, errors no longer count */
+	_Atomic uint64_t bytes, pages, zero_pages;
+};
+
+static struct tcp_dst *to_dst(struct xport_dst *x)
+{
+	return container_of(x, struct tcp_dst, base);
+}
+
+/* Called with x->lock held. The first error wins; later ones are only consequences. */
+static void dst_record_error(struct tcp_dst *x, int err, const char *reason)
+{
+	if (x->err)
+		return;
+	snprintf(x->errstr, sizeof(x->errstr), "%s", reason);
+	x->err = err;
+}
+
+/*
+ * Fills buf[0..len) from the stream. 1 on a clean EOF before the first byte when eof_ok,
+ * 0 when filled, -ECONNRESET (EOF mid-frame or a socket error; reason says) otherwise.
+ */
+static int dst_recv_exact(struct dst_stream *s, void *buf, size_t len, bool eof_ok,
+			  char *reason, size_t rlen)
+{
+	size_t got = 0;
+
+	while (got < len) {
+		ssize_t n = recv(s->fd, (uint8_t *)buf + got, len - got, MSG_WAITALL);
+		if (n > 0) {
+			got += (size_t)n;
+			continue;
+		}
+		if (n == 0) {
+			if (!got && eof_ok)
+				return 1;
+			snprintf(reason, rlen, "stream %u: connection closed mid-frame", s->idx);
+			return -ECONNRESET;
+		}
+		if (errno == EINTR)
+			continue;
+		snprintf(reason, rlen, "stream %u: %s", s->idx, strerror(errno));
+		return -ECONNRESET;
+	}
+	return 0;
+}
+
+/* Receives straight into the iovecs (guest memory); same results as dst_recv_exact. */
+static int dst_recv_iov(struct dst_stream *s, struct iovec *iov, size_t cnt, char *reason,
+			size_t rlen)
+{
+	while (cnt) {
+		/* Free shuts the socket down, but queued bytes could still be read: look first. */
+		if (atomic_load_explicit(&s->x->stopping, memory_order_relaxed)) {
+			snprintf(reason, rlen, "stream %u: stopped", s->idx);
+			return -ECONNRESET;
+		}
+		struct msghdr msg = { .msg_iov = iov, .msg_iovlen = cnt };
+		ssize_t n = recvmsg(s->fd, &msg, MSG_WAITALL);
+		if (n > 0) {
+			cnt = iov_advance(&iov, cnt, (size_t)n);
+			continue;
+		}
+		if (n == 0) {
+			snprintf(reason, rlen, "stream %u: connection closed mid-frame", s->idx);
+			return -ECONNRESET;
+		}
+		if (errno == EINTR)
+			continue;
+		snprintf(reason, rlen, "stream %u: %s", s->idx, strerror(errno));
+		return -ECONNRESET;
+	}
+	return 0;
+}
+
+static bool test_written(const struct dst_region *rg, uint64_t page)
+{
+	return atomic_load_explicit(&rg->written[page / 64], memory_order_relaxed) &
+	       (1ull << (page % 64));
+}
+
+/*
+ * Zero markers. Writing zeros over a page that is already zero would allocate it: reading a
+ * never-touched page of a shared memfd mapping allocates it too (shmem has no zero page for
+ * shared mappings), so "read it and see" is no cheaper. What we know instead: a page this
+ * receiver wrote data to may hold data now (written bit), and a page not in memory at all
+ * (mincore) that we never wrote is a hole, zero by definition of fresh guest memory. Only
+ * resident or written pages are read, and only those that are not zero are cleared.
+ */
+static void dst_zero_pages(struct dst_stream *s, struct dst_region *rg,
+			   const struct proto_pages *ph)
+{
+	bool have_resident = false;
+
+	for (uint32_t i = 0; i < ph->npages; i++) {
+		if (!((ph->zero_mask[i / 64] >> (i % 64)) & 1))
+			continue;
+		uint64_t page = ph->first_page + i;
+		uint8_t *addr = rg->hva + page * PAGE;
+		if (!test_written(rg, page)) {
+			if (!have_resident) {
+				/* One call for the frame's whole range, made only if needed. */
+				if (!s->x->host_pages_4k ||
+				    mincore(rg->hva + ph->first_page * PAGE, (size_t)ph->npages * PAGE,
+					    s->resident) < 0)
+					memset(s->resident, 1, ph->npages);
+				have_resident = true;
+			}
+			if (!(s->resident[i] & 1))
+				continue;
+		}
+		if (!pagereader_page_is_zero(addr))
+			memset(addr, 0, PAGE);
+	}
+}
+
+static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t rlen)
+{
+	struct tcp_dst *x = s->x;
+	struct proto_pages ph;
+	uint64_t data_len;
+	char derr[128] = "";
+	/*
+	 * Page data comes in 4096-byte multiples after a header shorter than a page, so the
+	 * header's length is the remainder: no byte of page data is read into a bounce buffer.
+	 */
+	uint32_t hl = len % PAGE;
+	size_t cnt = 0;
+	int r;
+
+	if (hl < PROTO_PAGES_HDR_LEN(1) || hl > PAGES_HDR_MAX) {
+		snprintf(reason, rlen, "stream %u: PAGES frame of %u bytes has no valid header",
+			 s->idx, len);
+		return -EPROTO;
+	}
+	r = dst_recv_exact(s, s->buf, hl, false, reason, rlen);
+	if (r < 0)
+		return r;
+	if (proto_decode_pages_hdr(s->buf, hl, &ph, &data_len, derr, sizeof(derr)) < 0) {
+		snprintf(reason, rlen, "stream %u: bad PAGES header: %s", s->idx, derr);
+		return -EPROTO;
+	}
+	if (hl != PROTO_PAGES_HDR_LEN(ph.npages) || data_len != len - hl) {
+		snprintf(reason, rlen,
+			 "stream %u: PAGES frame of %u bytes but its header says %u pages with %llu "
+			 "data bytes",
+			 s->idx, len, ph.npages, (unsigned long long)data_len);
+		return -EPROTO;
+	}
+	if (ph.region >= x->nr_regions) {
+		snprintf(reason, rlen, "stream %u: PAGES for region %u but only %u regions", s->idx,
+			 ph.region, x->nr_regions);
+		return -EPROTO;
+	}
+	struct dst_region *rg = &x->regions[ph.region];
+	if (ph.first_page > rg->pages || ph.npages > rg->pages - ph.first_page) {
+		snprintf(reason, rlen,
+			 "stream %u: PAGES %llu..%llu outside region %u (%llu pages)", s->idx,
+			 (unsigned long long)ph.first_page,
+			 (unsigned long long)(ph.first_page + ph.npages - 1), ph.region,
+			 (unsigned long long)rg->pages);
+		return -EPROTO;
+	}
+
+	/* Data spans go straight into guest memory; mark them before they may hold data. */
+	for (uint32_t i = 0; i < ph.npages;) {
+		if ((ph.zero_mask[i / 64] >> (i % 64)) & 1) {
+			i++;
+			continue;
+		}
+		uint32_t j = i + 1;
+		while (j < ph.npages && !((ph.zero_mask[j / 64] >> (j % 64)) & 1))
+			j++;
+		s->iov[cnt].iov_base = rg->hva + (ph.first_page + i) * PAGE;
+		s->iov[cnt].iov_len = (size_t)(j - i) * PAGE;
+		cnt++;
+		for (uint32_t k = i; k < j; k++) {
+			uint64_t page = ph.first_page + k;
+			atomic_fetch_or_explicit(&rg->written[page / 64], 1ull << (page % 64),
+						 memory_order_relaxed);
+		}
+		i = j;
+	}
+	if (cnt) {
+		r = dst_recv_iov(s, s->iov, cnt, reason, rlen);
+		if (r < 0)
+			return r;
+	}
+	uint32_t nr_data = (uint32_t)(data_len / PAGE);
+	if (nr_data < ph.npages)
+		dst_zero_pages(s, rg, &ph);
+	atomic_fetch_add_explicit(&x->bytes, PROTO_HDR_LEN + (uint64_t)len, memory_order_relaxed);
+	atomic_fetch_add_explicit(&x->pages, nr_data, memory_order_relaxed);
+	atomic_fetch_add_explicit(&x->zero_pages, ph.npages - nr_data, memory_order_relaxed);
+	return 0;
+}
+
+static int dst_on_fence(struct dst_stream *s, uint32_t len, char *reason, size_t rlen)
+{
+	struct tcp_dst *x = s->x;
+	struct proto_fence f;
+	char derr[128] = "";
+	int r;
+
+	if (len > sizeof(s->buf)) {
+		snprintf(reason, rlen, "stream %u: FENCE of %u bytes", s->idx, len);
+		return -EPROTO;
+	}
+	r = dst_recv_exact(s, s->buf, len, false, reason, rlen);
+	if (r < 0)
+		return r;
+	if (proto_decode_fence(s->buf, len, &f, derr, sizeof(derr)) < 0) {
+		snprintf(reason, rlen, "stream %u: bad FENCE: %s", s->idx, derr);
+		return -EPROTO;
+	}
+	pthread_mutex_lock(&x->lock);
+	if (s->have_fence && f.fence < s->fence) {
+		snprintf(reason, rlen, "stream %u: FENCE %llu after FENCE %llu", s->idx,
+			 (unsigned long long)f.fence, (unsigned long long)s->fence);
+		pthread_mutex_unlock(&x->lock);
+		return -EPROTO;
+	}
+	s->have_fence = true;
+	s->fence = f.fence;
+	pthread_cond_broadcast(&x->cond);
+	pthread_mutex_unlock(&x->lock);
+	atomic_fetch_add_explicit(&x->bytes, PROTO_HDR_LEN + (uint64_t)len, memory_order_relaxed);
+	return 0;
+}
+
+/* 0 on a clean EOF between frames; < 0 with a reason otherwise. */
+static int dst_stream_loop(struct dst_stream *s, char *reason, size_t rlen)
+{
+	uint8_t hdr[PROTO_HDR_LEN];
+	struct proto_hdr h;
+	int r;
+
+	for (;;) {
+		r = dst_recv_exact(s, hdr, sizeof(hdr), true, reason, rlen);
+		if (r)
+			return r > 0 ? 0 : r;
+		if (proto_hdr_decode(hdr, PROTO_MAX_PAYLOAD, &h) < 0) {
+			snprintf(reason, rlen,
+				 "stream %u: bad frame header %02x%02x%02x%02x %02x%02x%02x%02x "
+				 "%02x%02x%02x%02x",
+				 s->idx, hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5], hdr[6],
+				 hdr[7], hdr[8], hdr[9], hdr[10], hdr[11]);
+			return -EPROTO;
+		}
+		switch (h.type) {
+		case PROTO_PAGES:
+			r = dst_on_pages(s, h.len, reason, rlen);
+			break;
+		case PROTO_FENCE:
+			r = dst_on_fence(s, h.len, reason, rlen);
+			break;
+		default:
+			snprintf(reason, rlen, "stream %u: unexpected %s frame on a data stream",
+				 s->idx, proto_type_name(h.type));
+			r = -EPROTO;
+			break;
+		}
+		if (r < 0)
+			return r;
+	}
+}
+
+static void *dst_stream_main(void *arg)
+{
+	struct dst_stream *s = arg;
+	struct tcp_dst *x = s->x;
+	char name[16], reason[256] = "";
+	int r;
+
+	snprintf(name, sizeof(name), "recv-s%u", s->idx);
+	pthread_setname_np(pthread_self(), name);
+
+	r = dst_stream_loop(s, reason, sizeof(reason));
+
+	pthread_mutex_lock(&x->lock);
+	if (r < 0 && !atomic_load(&x->stopping)) {
+		s->state = DST_FAILED;
+		dst_record_error(x, r, reason);
+	} else {
+		s->state = DST_CLOSED;
+	}
+	x->running--;
+	pthread_cond_broadcast(&x->cond);
+	pthread_mutex_unlock(&x->lock);
+	/* Tell the source now; the fd itself is closed by free, so its number is not reused
+	 * while free might still shut it down. */
+	if (r < 0)
+		shutdown(s->fd, SHUT_RDWR);
+	return NULL;
+}
+
+static int dst_add_stream(struct xport_dst *base, int fd, unsigned idx)
+{
+	struct tcp_dst *x = to_dst(base);
+	struct dst_stream *s;
+	int buf = SOCK_BUF_BYTES, r;
+
+	if (fd < 0)
+		return -EBADF;
+	if (idx >= x->expected)
+		return -EINVAL;
+	s = &x->streams[idx];
+	pthread_mutex_lock(&x->lock);
+	r = s->state != DST_IDLE ? -EEXIST : 0;
+	pthread_mutex_unlock(&x->lock);
+	if (r < 0)
+		return r;
+	r = set_blocking(fd);
+	if (r < 0)
+		return r;
+	(void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
+	tcp_set_liveness(fd);
+
+	pthread_mutex_lock(&x->lock);
+	s->fd = fd;
+	s->state = DST_RUNNING;
+	x->running++;
+	r = -pthread_create(&s->thread, NULL, dst_stream_main, s);
+	if (r < 0) {
+		/* The fd stays the caller's, as if we had never seen it. */
+		s->fd = -1;
+		s->state = DST_IDLE;
+		x->running--;
+	} else {
+		s->thread_started = true;
+	}
+	pthread_mutex_unlock(&x->lock);
+	return r;
+}
+
+static int dst_wait_fence(struct xport_dst *base, uint64_t fence, int timeout_ms)
+{
+	struct tcp_dst *x = to_dst(base);
+	struct timespec deadline;
+	bool timed_out = false;
+	int r;
+
+	clock_gettime(CLOCK_MONOTONIC, &deadline);
+	if (timeout_ms > 0) {
+		deadline.tv_sec += timeout_ms / 1000;
+		deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+		if (deadline.tv_nsec >= 1000000000) {
+			deadline.tv_sec++;
+			deadline.tv_nsec -= 1000000000;
+		}
+	}
+	pthread_mutex_lock(&x->lock);
+	for (;;) {
+		bool all = true;
+
+		if (x->err) {
+			r = x->err;
+			break;
+		}
+		for (unsigned i = 0; i < x->expected; i++) {
+			struct dst_stream *s = &x->streams[i];
+			if (s->have_fence && s->fence >= fence)
+				continue;
+			all = false;
+			if (s->state == DST_CLOSED) {
+				/* Gone for good: it can never reach this fence. */
+				char reason[160];
+				snprintf(reason, sizeof(reason),
+					 "stream %u closed before fence %llu (it reached %s%llu)", i,
+					 (unsigned long long)fence, s->have_fence ? "" : "none, ",
+					 (unsigned long long)s->fence);
+				dst_record_error(x, -ECONNRESET, reason);
+			}
+		}
+		if (x->err) {
+			r = x->err;
+			break;
+		}
+		if (all) {
+			r = 0;
+			break;
+		}
+		if (timed_out || timeout_ms == 0) {
+			r = -ETIMEDOUT;
+			break;
+		}
+		if (timeout_ms < 0)
+			pthread_cond_wait(&x->cond, &x->lock);
+		else if (pthread_cond_timedwait(&x->cond, &x->lock, &deadline) == ETIMEDOUT)
+			timed_out = true; /* one last look, then give up */
+	}
+	pthread_mutex_unlock(&x->lock);
+	return r;
+}
+
+static const char *dst_error(const struct xport_dst *base)
+{
+	struct tcp_dst *x = container_of(base, struct tcp_dst, base);
+	const char *e;
+
+	pthread_mutex_lock(&x->lock);
+	e = x->err ? x->errstr : "";
+	pthread_mutex_unlock(&x->lock);
+	return e;
+}
+
+static void dst_stats(const struct xport_dst *base, struct xport_dst_stats *ret)
+{
+	struct tcp_dst *x = container_of(base, struct tcp_dst, base);
+
+	ret->bytes = atomic_load_explicit(&x->bytes, memory_order_relaxed);
+	ret->pages = atomic_load_explicit(&x->pages, memory_order_relaxed);
+	ret->zero_pages = atomic_load_explicit(&x->zero_pages, memory_order_relaxed);
+	pthread_mutex_lock(&x->lock);
+	ret->streams = x->running;
+	pthread_mutex_unlock(&x->lock);
+}
+
+static void dst_free(struct xport_dst *base)
+{
+	struct tcp_dst *x = to_dst(base);
+
+	atomic_store(&x->stopping, true);
+	if (x->streams) {
+		/* Shut down first, join after: a receiver blocked in recv() wakes up with EOF. */
+		for (unsigned i = 0; i < x->expected; i++) {
+			if (x->streams[i].fd >= 0)
+				shutdown(x->streams[i].fd, SHUT_RDWR);
+		}
+		for (unsigned i = 0; i < x->expected; i++) {
+			struct dst_stream *s = &x->streams[i];
+			if (s->thread_started)
+				pthread_join(s->thread, NULL);
+			if (s->fd >= 0)
+				close(s->fd);
+		}
+		free(x->streams);
+	}
+	for (unsigned i = 0; i < x->nr_regions; i++)
+		free(x->regions[i].written);
+	pthread_cond_destroy(&x->cond);
+	pthread_mutex_destroy(&x->lock);
+	free(x);
+}
+
+static const struct xport_dst_ops tcp_dst_ops = {
+	.name = "tcp",
+	.add_stream = dst_add_stream,
+	.wait_fence = dst_wait_fence,
+	.error = dst_error,
+	.stats = dst_stats,
+	.free = dst_free,
+};
+
+int xport_dst_tcp_new(const struct xport_region *regions, unsigned nr_regions,
+		      unsigned expected_streams, struct xport_dst **ret)
+{
+	struct tcp_dst *x;
+	pthread_condattr_t ca;
+	int r;
+
+	if (!regions || !nr_regions || nr_regions > XPORT_MAX_REGIONS || !expected_streams ||
+	    expected_streams > XPORT_MAX_STREAMS || !ret)
+		return -EINVAL;
+	for (unsigned i = 0; i < nr_regions; i++) {
+		/* Page-aligned: guest memory is mmap'd, and mincore() needs it. */
+		if (!regions[i].hva || regions[i].size % PAGE || (uintptr_t)regions[i].hva % PAGE)
+			return -EINVAL;
+	}
+	x = calloc(1, sizeof(*x));
+	if (!x)
+		return -ENOMEM;
+	x->base.ops = &tcp_dst_ops;
+	x->host_pages_4k = sysconf(_SC_PAGESIZE) == PAGE;
+	pthread_mutex_init(&x->lock, NULL);
+	/* wait_fence's deadline must not move with the wall clock. */
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&x->cond, &ca);
+	pthread_condattr_destroy(&ca);
+
+	x->nr_regions = nr_regions;
+	for (unsigned i = 0; i < nr_regions; i++) {
+		x->regions[i].hva = regions[i].hva;
+		x->regions[i].pages = regions[i].size / PAGE;
+		x->regions[i].written =
+			calloc((x->regions[i].pages + 63) / 64 + 1, sizeof(uint64_t));
+		if (!x->regions[i].written) {
+			r = -ENOMEM;
+			goto err_free;
+		}
+	}
+	x->streams = calloc(expected_streams, sizeof(*x->streams));
+	if (!x->streams) {
+		r = -ENOMEM;
+		goto err_free;
+	}
+	x->expected = expected_streams;
+	for (unsigned i = 0; i < expected_streams; i++) {
+		x->streams[i].x = x;
+		x->streams[i].idx = i;
+		x->streams[i].fd = -1;
+		x->streams[i].state = DST_IDLE;
+	}
+	*ret = &x->base;
+	return 0;
+
+err_free:
+	dst_free(&x->base);
+	return r;
+}
