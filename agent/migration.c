@@ -121,6 +121,33 @@ static bool state_final(enum migration_state s)
 
 /* ---------------- bookkeeping ---------------- */
 
+static bool cancelled(struct migration *m);
+
+/*
+ * Test hook for fault injection: FERRY_TEST_HOLD="STATE:MS[,STATE:MS...]" makes a job that
+ * enters STATE (a migration_state_name) stay there MS milliseconds before it goes on, or
+ * until it is cancelled, so tests can cancel or kill an agent in each named state. Unset
+ * in production; read-only process environment.
+ */
+static void test_hold(struct migration *m, enum migration_state s)
+{
+	const char *spec = getenv("FERRY_TEST_HOLD");
+	const char *name = migration_state_name(s);
+	size_t nl = strlen(name);
+	for (const char *p = spec; p && *p;) {
+		if (strncmp(p, name, nl) == 0 && p[nl] == ':') {
+			long ms = strtol(p + nl + 1, NULL, 10);
+			agent_log(m->a, LOG_INFO, "migration %llu: holding in %s for %ld ms (test)",
+				  (unsigned long long)m->id, name, ms);
+			for (long t = 0; t < ms && !cancelled(m); t += 20)
+				usleep(20000);
+			return;
+		}
+		p = strchr(p, ',');
+		p = p ? p + 1 : NULL;
+	}
+}
+
 static void set_state(struct migration *m, enum migration_state s)
 {
 	pthread_mutex_lock(&m->lock);
@@ -141,6 +168,8 @@ static void set_state(struct migration *m, enum migration_state s)
 		    (unsigned long long)m->id, m->info.vm, m->incoming ? "incoming" : "outgoing",
 		    migration_state_name(s), err[0] ? ",\"error\":\"" : "", err,
 		    err[0] ? "\"" : "");
+	if (!state_final(s))
+		test_hold(m, s);
 }
 
 __attribute__((format(printf, 3, 4))) static int mig_fail(struct migration *m, int r,
