@@ -396,6 +396,16 @@ static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
 		if (r < 0)
 			break;
 		*ret_pages += rs.pages;
+		/* Live progress within a long round (the first one sends all of memory). */
+		struct xport_src_stats st;
+		xport_src_stats(m->src, &st);
+		pthread_mutex_lock(&m->lock);
+		m->info.bytes_sent = st.bytes;
+		m->info.pages_normal = st.pages;
+		m->info.pages_zero = st.zero_pages;
+		uint64_t left = tracker_dirty_pages(t) * 4096ull;
+		m->info.remaining_bytes = left;
+		pthread_mutex_unlock(&m->lock);
 	}
 	free(rs.v);
 	free(b);
@@ -523,6 +533,9 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 	set_state(m, MIG_PRECOPY);
 	for (uint32_t round = 1;; round++) {
 		struct tracker_sync_stats ss;
+		pthread_mutex_lock(&m->lock);
+		m->info.round = round;
+		pthread_mutex_unlock(&m->lock);
 		uint64_t t0 = agent_mono_ns();
 		struct xport_src_stats before, after;
 		xport_src_stats(m->src, &before);

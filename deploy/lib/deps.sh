@@ -6,7 +6,7 @@
 FERRY_BUILD_PACKAGES=(
   build-essential cmake pkg-config git
   libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
-  liburing-dev libyaml-dev libssl-dev libmicrohttpd-dev libjansson-dev
+  liburing-dev libyaml-dev libssl-dev libmicrohttpd-dev libjansson-dev libcurl4-openssl-dev curl jq openssl
   libcmocka-dev libzstd-dev libsystemd-dev
 )
 
