@@ -326,6 +326,48 @@ static int digests(struct vm *vm, uint8_t out[][PROTO_DIGEST_LEN], uint32_t *ret
 	return 0;
 }
 
+/*
+ * The destination hashes its memory while the source hashes its own: started once the
+ * STATE's fence has passed (no page arrives after the last fence), joined at COMMIT_REQ.
+ */
+struct digest_job {
+	pthread_t thread;
+	bool started;
+	struct vm *vm;
+	uint64_t fence;
+	int r;
+	uint32_t n;
+	uint8_t out[PROTO_MAX_SLOTS][PROTO_DIGEST_LEN];
+};
+
+static void *digest_thread(void *arg)
+{
+	struct digest_job *d = arg;
+	d->r = digests(d->vm, d->out, &d->n);
+	return NULL;
+}
+
+static void digest_start(struct digest_job *d, struct vm *vm, uint64_t fence)
+{
+	d->vm = vm;
+	d->fence = fence;
+	d->started = pthread_create(&d->thread, NULL, digest_thread, d) == 0;
+	if (d->started)
+		pthread_setname_np(d->thread, "digest");
+}
+
+/* Joins the worker; returns its result, or hashes now if it never ran for this fence. */
+static int digest_finish(struct digest_job *d, struct vm *vm, uint64_t fence)
+{
+	if (d->started) {
+		pthread_join(d->thread, NULL);
+		d->started = false;
+		if (d->fence == fence)
+			return d->r;
+	}
+	return digests(vm, d->out, &d->n);
+}
+
 /* ---------------- source ---------------- */
 
 struct runs {
@@ -737,6 +779,8 @@ static void source_job(struct migration *m)
 		pthread_mutex_lock(&m->lock);
 		m->info.downtime_ms = (agent_mono_ns() - t_pause) / 1000000ull;
 		m->info.error[0] = '\0';
+		/* The destination commits a verified migration only when the digests matched. */
+		m->info.verified = m->info.verify;
 		pthread_mutex_unlock(&m->lock);
 		tracker_stop(t);
 		release_vm_hold(m);
@@ -1000,6 +1044,11 @@ static void dest_job(struct migration *m)
 
 	void *state_blob = NULL;
 	size_t state_len = 0;
+	struct digest_job *dig = calloc(1, sizeof(*dig));
+	if (!dig) {
+		mig_fail(m, -ENOMEM, "out of memory");
+		goto fail;
+	}
 	for (;;) {
 		uint16_t type = 0;
 		err[0] = '\0';
@@ -1053,17 +1102,13 @@ static void dest_job(struct migration *m)
 				r = mig_fail(m, -EPROTO, "verify mode, but %u digests for %u memslots",
 					     cr->nr_digests, vm_nr_slots(m->vm->vm));
 			if (r == 0 && cr->nr_digests) {
-				uint8_t (*mine)[PROTO_DIGEST_LEN] = calloc(PROTO_MAX_SLOTS,
-									    PROTO_DIGEST_LEN);
-				uint32_t n = 0;
-				if (!mine || digests(m->vm->vm, mine, &n) < 0 ||
-				    n != cr->nr_digests)
+				if (digest_finish(dig, m->vm->vm, cr->fence) < 0 ||
+				    dig->n != cr->nr_digests)
 					r = -EIO;
-				for (uint32_t i = 0; r == 0 && i < n; i++)
-					if (memcmp(mine[i], cr->digests[i], PROTO_DIGEST_LEN))
+				for (uint32_t i = 0; r == 0 && i < dig->n; i++)
+					if (memcmp(dig->out[i], cr->digests[i], PROTO_DIGEST_LEN))
 						r = mig_fail(m, -EBADMSG,
 							     "memory digest of slot %u differs", i);
-				free(mine);
 				if (r == 0) {
 					pthread_mutex_lock(&m->lock);
 					m->info.verified = true;
@@ -1112,6 +1157,7 @@ static void dest_job(struct migration *m)
 			r = proto_encode_committed(&c, &buf, &len);
 			send_msg(m, PROTO_COMMITTED, r, buf, len); /* the source asks if lost */
 			free(state_blob);
+			free(dig);
 			pthread_mutex_lock(&m->lock);
 			m->info.error[0] = '\0';
 			pthread_mutex_unlock(&m->lock);
@@ -1148,6 +1194,8 @@ static void dest_job(struct migration *m)
 			send_abort(m, PROTO_E_PROTOCOL, m->info.error);
 			break;
 		}
+		if (type == PROTO_STATE && m->info.verify && !dig->started)
+			digest_start(dig, m->vm->vm, fence);
 		struct xport_dst_stats ds;
 		xport_dst_stats(m->dst, &ds);
 		pthread_mutex_lock(&m->lock);
@@ -1157,6 +1205,9 @@ static void dest_job(struct migration *m)
 		pthread_mutex_unlock(&m->lock);
 	}
 	free(state_blob);
+	if (dig && dig->started)
+		pthread_join(dig->thread, NULL);
+	free(dig);
 fail:
 	if (decide(m, PROTO_DECIDED_NOT_RUN) == PROTO_DECIDED_NOT_RUN)
 		record_decision(m, PROTO_DECIDED_NOT_RUN);

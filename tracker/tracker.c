@@ -90,7 +90,14 @@ int tracker_new(int vm_fd, const struct tracker_config *cfg, struct tracker **re
 	enum tracker_backend b = cfg->backend;
 	switch (b) {
 	case TRACKER_AUTO:
-		if (avail & (1u << TRACKER_RING))
+		/*
+		 * The ring, except under kvm_pvm: there KVM overflows the rings of guests that
+		 * rewrite pages, and each overflow costs a resend of the whole guest, so
+		 * precopy of such guests cannot converge (docs/architecture.md). The bitmap
+		 * is exact there. The ring can still be asked for by name.
+		 */
+		if ((avail & (1u << TRACKER_RING)) &&
+		    !((avail & (1u << TRACKER_BITMAP)) && access("/sys/module/kvm_pvm", F_OK) == 0))
 			b = TRACKER_RING;
 		else if (avail & (1u << TRACKER_BITMAP))
 			b = TRACKER_BITMAP;
@@ -117,6 +124,8 @@ int tracker_new(int vm_fd, const struct tracker_config *cfg, struct tracker **re
 	atomic_init(&t->nr_slots, 0);
 	atomic_init(&t->ring_full_ns, 0);
 	atomic_init(&t->ring_full_exits, 0);
+	atomic_init(&t->ring_overflows, 0);
+	atomic_init(&t->overflow_pending, false);
 
 	int rc = 0;
 	switch (b) {
@@ -237,6 +246,33 @@ static int set_logging(struct tracker *t, unsigned i, bool on)
 	if (ioctl(t->vm_fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
 		return -errno;
 	return 0;
+}
+
+int tracker_relog_all(struct tracker *t)
+{
+	unsigned n = atomic_load(&t->nr_slots);
+	int rc = 0, r;
+
+	/*
+	 * Off then on: re-registering a slot with KVM_MEM_LOG_DIRTY_PAGES set again makes KVM
+	 * write-protect (or, with PML, clean) all of it, which is the only way the ring backend
+	 * has to re-protect pages whose ring entries KVM overwrote. Writes in between are not
+	 * logged; marking every page dirty afterwards covers them and everything lost before.
+	 * Keep going on errors so that no slot is left with logging off if it can be helped.
+	 */
+	if (t->running) {
+		for (unsigned i = 0; i < n; i++) {
+			r = set_logging(t, i, false);
+			if (r < 0 && rc >= 0)
+				rc = r;
+			r = set_logging(t, i, true);
+			if (r < 0 && rc >= 0)
+				rc = r;
+		}
+	}
+	for (unsigned i = 0; i < n; i++)
+		dirtyset_set_all(t->slots[i].ds);
+	return rc;
 }
 
 static int sync_backend(struct tracker *t, uint64_t *ret_harvested)

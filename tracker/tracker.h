@@ -32,7 +32,7 @@
 #include <stdint.h>
 
 enum tracker_backend {
-	TRACKER_AUTO = 0, /* ring if the kernel has it, else bitmap, else legacy */
+	TRACKER_AUTO = 0, /* ring if the kernel has it (bitmap under kvm_pvm), else bitmap, else legacy */
 	TRACKER_RING,
 	TRACKER_BITMAP,
 	TRACKER_LEGACY,
@@ -143,7 +143,9 @@ uint64_t tracker_dirty_pages(const struct tracker *t);
 
 /*
  * Called in vCPU idx's thread on KVM_EXIT_DIRTY_RING_FULL: harvests that vCPU's ring into the
- * dirty set and resets it, so KVM_RUN can go on. Takes only that ring's lock.
+ * dirty set and resets it, so KVM_RUN can go on. Takes only that ring's lock. It must be that
+ * thread, between KVM_RUN calls: recovering from a ring KVM overflowed relies on nothing being
+ * pushed into the ring meanwhile.
  */
 int tracker_vcpu_ring_full(struct tracker *t, unsigned idx);
 
@@ -153,5 +155,13 @@ uint64_t tracker_vcpu_dirty_count(const struct tracker *t, unsigned idx);
 uint64_t tracker_ring_full_ns(const struct tracker *t);
 /* Cumulative number of ring-full exits. */
 uint64_t tracker_ring_full_exits(const struct tracker *t);
+/*
+ * Cumulative number of times a vCPU's ring was found overflowed: KVM pushed entries past
+ * the end of the ring (it does so when it emulates long runs of guest writes, e.g. under
+ * nested shadow paging), overwriting entries not yet harvested. The tracker recovers by
+ * resynchronising with KVM and, at the next tracker_sync(), re-protecting every page and
+ * marking every page dirty, so the next pass resends the whole guest. 0 for other backends.
+ */
+uint64_t tracker_ring_overflows(const struct tracker *t);
 
 #endif

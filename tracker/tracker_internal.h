@@ -58,17 +58,64 @@ struct tracker_slot_state {
 	uint64_t *scratch;
 };
 
+/* What tracker_ring_sync() noted about one ring between its harvest and its reset. */
+struct tracker_ring_mark {
+	uint32_t pending; /* pending[] entries harvested, to publish after the reset */
+	uint64_t epoch;   /* the ring's epoch then (see tracker_ring.epoch) */
+	uint32_t fetch;   /* the fetch index after the harvest */
+	bool stored;      /* the harvest stored RESET into at least one entry */
+	bool trusted;     /* the ring was trusted (see tracker_ring) after the harvest */
+	bool at_reset;    /* the entry at that fetch index was RESET (ours, a lap old) */
+};
+
 /* One vCPU's dirty ring. */
 struct tracker_ring {
 	/*
-	 * lock serialises everything below except dirty_count: the fetch index, the RESET
-	 * stores into gfns[] and the pending[] buffer. Taken by the vCPU's own thread on a
+	 * lock serialises everything below except dirty_count: the fetch index, every store
+	 * into gfns[] (RESET on harvest, RESET into holes, probe stores and their undo), the
+	 * overflow bookkeeping and the pending[] buffer. Taken by the vCPU's own thread on a
 	 * ring-full exit and by tracker_sync(); never held together with another ring's lock.
 	 */
 	pthread_mutex_t lock;
 	bool lock_ready;
 	struct kvm_dirty_gfn *gfns; /* the vCPU's ring, mmap'd; NULL until attached */
 	uint32_t fetch;             /* free-running index of the next entry to look at */
+
+	/*
+	 * Overflow bookkeeping (see "Overflow" in ring.c). KVM can push past the end of the
+	 * ring when it emulates a long run of guest writes; entries are lost and KVM's reset
+	 * index (where its KVM_RESET_DIRTY_RINGS walk resumes) and dirty index (where it
+	 * pushes next) stop matching our fetch index.
+	 *
+	 * trusted: no overflow found since the ring was last known in step with KVM, so
+	 * harvesting in order from the fetch index finds what KVM pushes. Cleared when an
+	 * overflow is found; resync() sets it again once it knows where KVM's reset index is.
+	 * in_sync, sync_fetch: KVM's reset index is known to be at our fetch index (modulo the
+	 * ring size), established when fetch was sync_fetch; any harvest moves fetch and so
+	 * voids it.
+	 * suspect: an overflow was found and the ring has not yet been seen working normally
+	 * since; counts tracker_ring_overflows() on each false-to-true change. While it is
+	 * set, tracker_sync() also looks for holes ahead of the fetch index.
+	 * run: DIRTY entries taken in a row since a harvest last stopped at a non-DIRTY one.
+	 * lap_pending, lap_fetch: see lap_check() in ring.c.
+	 * stamp: bumped whenever anything is harvested from the ring or we store into it in a
+	 * way that may let KVM's reset move on; quiet_stamp is its value when the last
+	 * ring-full exit was done (if quiet_valid), so that the next one can tell whether
+	 * anything was pushed, or KVM's reset index moved, in between.
+	 * probe: one bit per entry, for resync()'s probes and their undo.
+	 */
+	uint32_t run;
+	uint32_t notes; /* overflow findings in this ring, ever */
+	bool trusted;
+	bool in_sync;
+	uint32_t sync_fetch;
+	bool suspect;
+	bool lap_pending;   /* a whole ring was taken at lap_fetch: overflow or not? */
+	uint32_t lap_fetch;
+	bool quiet_valid;
+	uint64_t stamp;
+	uint64_t quiet_stamp;
+	uint64_t *probe;
 	/*
 	 * Entries harvested (RESET already stored) whose pages are not yet in the dirty set.
 	 * They are published only after a KVM_RESET_DIRTY_RINGS that started after their
@@ -100,16 +147,29 @@ struct tracker {
 
 	struct tracker_ring *rings;
 	unsigned nr_rings;
-	/* tracker_ring_sync()'s per-ring notes (controlling thread only), nr_rings each. */
-	uint32_t *sync_mark;
-	uint64_t *sync_epoch;
+	/* tracker_ring_sync()'s per-ring notes (controlling thread only), nr_rings of them. */
+	struct tracker_ring_mark *sync_marks;
 	_Atomic uint64_t ring_full_ns;
 	_Atomic uint64_t ring_full_exits;
+	/* Rings found overflowed by KVM (tracker_ring_overflows()). */
+	_Atomic uint64_t ring_overflows;
+	/*
+	 * Set by whoever finds a ring overflowed: pages may have been lost from the ring or
+	 * left writable without a pending re-protection, so the next tracker_ring_sync()
+	 * re-protects every page and marks every page dirty (tracker_relog_all()).
+	 */
+	atomic_bool overflow_pending;
 };
 
 uint64_t tracker_now_ns(void);
 /* KVM_CHECK_EXTENSION on the VM fd; 0 when absent or on error. */
 int tracker_kvm_check(int vm_fd, long cap);
+/*
+ * Recovery after a ring overflow (tracker.c): while logging is on, turns it off and on
+ * again on every slot, which makes KVM write-protect every page afresh, then marks every
+ * page dirty. Controlling thread only (it toggles logging, like tracker_start/stop).
+ */
+int tracker_relog_all(struct tracker *t);
 
 /* ring.c */
 /* Largest ring KVM offers in bytes (0 if none), and which capability offers it. */

@@ -288,7 +288,11 @@ static void test_api(void **state)
 	assert_int_equal(tracker_new(vmfd, &cfg, &t), 0);
 	unsigned avail = tracker_backends_available(vmfd);
 	assert_true(avail & (1u << TRACKER_LEGACY));
-	if (avail & (1u << TRACKER_RING)) {
+	/* auto: the ring, but the bitmap under kvm_pvm (docs/architecture.md). */
+	bool pvm = access("/sys/module/kvm_pvm", F_OK) == 0;
+	if (pvm && (avail & (1u << TRACKER_BITMAP))) {
+		assert_int_equal(tracker_backend(t), TRACKER_BITMAP);
+	} else if (avail & (1u << TRACKER_RING)) {
 		assert_int_equal(tracker_backend(t), TRACKER_RING);
 		assert_int_equal(tracker_ring_entries(t), TRACKER_RING_ENTRIES_DEFAULT);
 	}

@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Description: live migration between real ferryd processes, driven with ferryctl.
+#   1. loopback: a running memcheck guest (4 vCPUs, 1 GiB) moves from host-a to host-b with
+#      digest verification; the guest goes on with no error, the source copy is gone; then
+#      back and forth three more times;
+#   2. two hosts: the same between two network namespaces joined by a veth pair whose
+#      link tbf limits to 1 Gbit/s;
+#   3. cancel in every state before the commit (setup, precopy round 1, round 2, switch-over):
+#      the VM runs on the source, memcheck reports no error, the destination holds nothing;
+#   4. the destination refuses (a VM of that name exists, not enough memory, at its
+#      incoming limit): the record carries a clear error and the VM is untouched;
+#   5. kill -9 of the destination agent mid-precopy, then of the source agent mid-precopy:
+#      the VM runs on the source / the destination holds no orphan.
+# Usage: test_migrate.sh FERRYD FERRYCTL   (FERRY_TEST_KEEP=1 keeps the temp dir)
+set -u
+ferryd=$(realpath "$1")
+ferryctl=$(realpath "$2")
+
+for tool in jq ip tc; do
+  command -v "$tool" >/dev/null || { echo "SKIP: $tool missing (deploy/lib/deps.sh)"; exit 77; }
+done
+[ -c /dev/kvm ] || { echo "SKIP: no /dev/kvm"; exit 77; }
+
+tmp=$(mktemp -d /tmp/ferry-mig.XXXXXX)
+declare -A pid sock listen
+netns=()
+cleanup() {
+  local p n
+  for p in "${pid[@]}"; do kill -9 "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  for n in "${netns[@]}"; do ip netns del "$n" 2>/dev/null; done
+  if [ -n "${FERRY_TEST_KEEP:-}" ]; then echo "# kept $tmp"; else rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+exec 3>&1 # for notes from inside checks, whose own output is dropped
+
+fails=0
+passes=0
+ok() { passes=$((passes + 1)); echo "ok - $*"; }
+not_ok() { fails=$((fails + 1)); echo "not ok - $*"; }
+check() { local d=$1; shift; if "$@" >/dev/null 2>&1; then ok "$d"; else not_ok "$d"; fi; }
+
+# start_agent NAME LISTEN [NETNS] [extra yaml lines...]; env FERRY_TEST_HOLD is passed on.
+start_agent() {
+  local name=$1 addr=$2 ns=${3:-}
+  shift 3 || shift $#
+  mkdir -p "$tmp/$name"
+  {
+    echo "name: $name"
+    echo "log_level: info"
+    echo "state_dir: $tmp/$name/state"
+    echo "control:"
+    echo "  socket: $tmp/$name/api.sock"
+    echo "migration:"
+    echo "  listen: $addr"
+    echo "  streams: 2"
+    local l
+    for l in "$@"; do echo "$l"; done
+  } >"$tmp/$name/ferryd.yaml"
+  sock[$name]=$tmp/$name/api.sock
+  rm -f "${sock[$name]}"
+  if [ -n "$ns" ]; then
+    ip netns exec "$ns" "$ferryd" --config "$tmp/$name/ferryd.yaml" >>"$tmp/$name/log" 2>&1 &
+  else
+    "$ferryd" --config "$tmp/$name/ferryd.yaml" >>"$tmp/$name/log" 2>&1 &
+  fi
+  pid[$name]=$!
+  local i
+  for i in $(seq 100); do
+    [ -S "${sock[$name]}" ] && ctl "$name" health >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  listen[$name]=$(ctl "$name" --json health | jq -r .listen)
+  if [ -z "${listen[$name]}" ] || [ "${listen[$name]}" = null ]; then
+    echo "Bail out! $name did not start"; cat "$tmp/$name/log"; exit 1
+  fi
+  # A wildcard listener is reached through the namespace's address.
+  case ${listen[$name]} in 0.0.0.0:*) listen[$name]=${addr%:*}:${listen[$name]##*:} ;; esac
+}
+stop_agent() { kill "${pid[$1]}" 2>/dev/null; wait "${pid[$1]}" 2>/dev/null; unset "pid[$1]"; }
+ctl() { local n=$1; shift; "$ferryctl" --socket "${sock[$n]}" "$@"; }
+vm_json() { ctl "$1" --json vm show "$2" 2>/dev/null; }
+passes_of() { local j; j=$(vm_json "$1" "$2") && echo "$j" | jq -r '.stats.passes // 0' || echo 0; }
+errors_of() { local j; j=$(vm_json "$1" "$2") && echo "$j" | jq -r '.stats.guest_errors // 0' || echo -1; }
+state_of() { local j; j=$(vm_json "$1" "$2") && echo "$j" | jq -r .state || echo absent; }
+wait_passes() { # agent vm n [seconds]
+  local i
+  for i in $(seq $((${4:-120} * 10))); do
+    [ "$(passes_of "$1" "$2")" -ge "$3" ] 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+# guest_goes_on AGENT VM: two more memcheck passes, no error, running.
+guest_goes_on() {
+  local p
+  p=$(passes_of "$1" "$2")
+  wait_passes "$1" "$2" $((p + 2)) && [ "$(errors_of "$1" "$2")" = 0 ] &&
+    [ "$(state_of "$1" "$2")" = running ]
+}
+absent() { [ "$(state_of "$1" "$2")" = absent ]; }
+mig_json() { ctl "$1" --json migration show "$2" 2>/dev/null; }
+mig_state() { mig_json "$1" "$2" | jq -r .state; }
+wait_mig_state() { # agent id state-regex [seconds]
+  local i s
+  for i in $(seq $((${4:-60} * 20))); do
+    s=$(mig_state "$1" "$2")
+    [[ $s =~ ^($3)$ ]] && return 0
+    sleep 0.05
+  done
+  echo "# migration $2 on $1 is $s, not $3"
+  return 1
+}
+no_vms() { [ "$(ctl "$1" --json vm list | jq 'length')" = 0 ]; }
+wait_no_vms() { local i; for i in $(seq 100); do no_vms "$1" && return 0; sleep 0.1; done; return 1; }
+create_memcheck() { # agent name [extra args]
+  local a=$1 n=$2; shift 2
+  ctl "$a" vm create "$n" --memory 1G --vcpus 4 --guest memcheck --param wss=2M "$@" >/dev/null
+}
+migrate_ok() { # from to vm [extra]: migrates with --wait --json, checks the record
+  local from=$1 to=$2 vm=$3; shift 3
+  local rec
+  rec=$(ctl "$from" --json migrate "$vm" --to "${listen[$to]}" --wait "$@")
+  local rc=$?
+  echo "$rec" >"$tmp/last-record.json"
+  echo "# $(echo "$rec" | jq -c '{state,round,bytes_sent,pages_normal,pages_zero,total_time_ms,setup_time_ms,downtime_ms,verified,error}')" >&3
+  [ $rc = 0 ] && [ "$(echo "$rec" | jq -r .state)" = completed ]
+}
+
+# ---------------------------------------------------------------- 1. loopback
+start_agent host-a 127.0.0.1:0 ""
+start_agent host-b 127.0.0.1:0 ""
+create_memcheck host-a mc
+check "memcheck runs on host-a" wait_passes host-a mc 2
+check "migrate host-a -> host-b (verify)" migrate_ok host-a host-b mc --verify
+check "record: downtime, total and setup time, bytes" jq -e \
+  '.downtime_ms > 0 and .total_time_ms >= .downtime_ms and .setup_time_ms >= 0 and .bytes_sent > 0 and .verified == true' \
+  "$tmp/last-record.json"
+check "guest goes on on host-b, no error" guest_goes_on host-b mc
+check "host-a holds no copy" absent host-a mc
+from=host-b to=host-a
+for i in 1 2 3; do
+  check "back and forth $i: $from -> $to" migrate_ok $from $to mc --verify
+  check "back and forth $i: guest goes on, no error" guest_goes_on $to mc
+  check "back and forth $i: $from holds no copy" absent $from mc
+  t=$from; from=$to; to=$t
+done
+
+# ---------------------------------------------------------------- 3. cancel in every state
+# host-a holds mc now. Hold the source in each state so the cancel lands there.
+cancel_in() { # state-to-hold  description
+  local hold=$1 what=$2 id
+  stop_agent host-a
+  FERRY_TEST_HOLD="$hold:4000" start_agent host-a 127.0.0.1:0 ""
+  # host-a restarted: recreate the guest there (its VMs died with it).
+  ctl host-a vm delete mc >/dev/null 2>&1
+  create_memcheck host-a mc
+  wait_passes host-a mc 1 || { not_ok "cancel in $what: guest did not start"; return; }
+  id=$(ctl host-a --json migrate mc --to "${listen[host-b]}" --bandwidth 200M | jq -r .id)
+  wait_mig_state host-a "$id" "$hold" 30 || { not_ok "cancel in $what: never reached $hold"; return; }
+  check "cancel in $what: accepted" ctl host-a migration cancel "$id"
+  check "cancel in $what: record says cancelled" wait_mig_state host-a "$id" cancelled 30
+  check "cancel in $what: guest goes on on the source" guest_goes_on host-a mc
+  check "cancel in $what: destination holds nothing" wait_no_vms host-b
+}
+# host-b holds mc after the loop above: bring it home first.
+migrate_ok host-b host-a mc >/dev/null
+cancel_in setup "setup"
+cancel_in precopy "precopy round 1"
+cancel_in switchover "switch-over before commit"
+# Round 2: a guest that dirties faster than a 20 MB/s cap keeps precopy going.
+stop_agent host-a
+start_agent host-a 127.0.0.1:0 ""
+ctl host-a vm create dz --memory 256M --vcpus 2 --guest dirtier --tracker bitmap >/dev/null
+id=$(ctl host-a --json migrate dz --to "${listen[host-b]}" --bandwidth 20M --downtime 1 | jq -r .id)
+for i in $(seq 600); do
+  [ "$(mig_json host-a "$id" | jq -r .round)" -ge 2 ] 2>/dev/null && break
+  sleep 0.05
+done
+check "cancel in precopy round 2: accepted" ctl host-a migration cancel "$id"
+check "cancel in precopy round 2: cancelled" wait_mig_state host-a "$id" cancelled 30
+check "cancel in precopy round 2: dirtier runs on the source" \
+  test "$(state_of host-a dz)" = running
+check "cancel in precopy round 2: destination holds nothing" wait_no_vms host-b
+ctl host-a vm delete dz >/dev/null
+
+# ---------------------------------------------------------------- 4. refusals
+refused() { # description needle: migrates mc host-a -> host-c, expects failure with needle
+  local what=$1 needle=$2
+  ctl host-a --json migrate mc --to "${listen[host-c]}" --wait >"$tmp/refused.json"
+  echo "# $(jq -c '{state,error}' "$tmp/refused.json")"
+  check "refused ($what): failed with a clear error" \
+    jq -e --arg n "$needle" '.state == "failed" and (.error | test($n))' "$tmp/refused.json"
+  check "refused ($what): VM untouched on the source" guest_goes_on host-a mc
+}
+create_memcheck host-a mc
+wait_passes host-a mc 1
+start_agent host-c 127.0.0.1:0 "" "limits:" "  max_memory: 512M"
+refused "out of memory" "512 MiB|exceed"
+stop_agent host-c
+start_agent host-c 127.0.0.1:0 "" "limits:" "  max_incoming: 0"
+refused "at its migration limit" "limit"
+stop_agent host-c
+start_agent host-c 127.0.0.1:0 ""
+ctl host-c vm create mc --memory 64M --vcpus 1 --guest dirtier >/dev/null
+refused "name taken" "exists"
+stop_agent host-c
+
+# ---------------------------------------------------------------- 5. kill -9
+# The source holds 3 s in precopy; the destination dies meanwhile.
+stop_agent host-a
+FERRY_TEST_HOLD="precopy:3000" start_agent host-a 127.0.0.1:0 ""
+create_memcheck host-a mc
+wait_passes host-a mc 1
+stop_agent host-b
+start_agent host-b 127.0.0.1:0 ""
+id=$(ctl host-a --json migrate mc --to "${listen[host-b]}" | jq -r .id)
+wait_mig_state host-a "$id" precopy 30
+kill -9 "${pid[host-b]}"; wait "${pid[host-b]}" 2>/dev/null; unset "pid[host-b]"
+check "kill -9 destination mid-precopy: migration fails" wait_mig_state host-a "$id" failed 60
+echo "# $(mig_json host-a "$id" | jq -c '{state,error}')"
+check "kill -9 destination mid-precopy: guest goes on on the source" guest_goes_on host-a mc
+
+# The source holds in precopy while the destination has the incoming VM; the source dies.
+start_agent host-b 127.0.0.1:0 ""
+stop_agent host-a
+FERRY_TEST_HOLD="precopy:60000" start_agent host-a 127.0.0.1:0 ""
+create_memcheck host-a mc2
+wait_passes host-a mc2 1
+id=$(ctl host-a --json migrate mc2 --to "${listen[host-b]}" | jq -r .id)
+wait_mig_state host-a "$id" precopy 30
+for i in $(seq 100); do [ "$(state_of host-b mc2)" = incoming ] && break; sleep 0.1; done
+check "kill -9 source mid-precopy: destination had the incoming VM" \
+  test "$(state_of host-b mc2)" = incoming
+kill -9 "${pid[host-a]}"; wait "${pid[host-a]}" 2>/dev/null; unset "pid[host-a]"
+check "kill -9 source mid-precopy: destination discards it (no orphan)" wait_no_vms host-b
+stop_agent host-b
+
+# ---------------------------------------------------------------- 2. two hosts, 1 Gbit/s
+ns1=ferry-t$$-1 ns2=ferry-t$$-2
+if ip netns add "$ns1" 2>/dev/null && ip netns add "$ns2"; then
+  netns+=("$ns1" "$ns2")
+  ip link add "v$$a" type veth peer name "v$$b"
+  ip link set "v$$a" netns "$ns1"
+  ip link set "v$$b" netns "$ns2"
+  ip -n "$ns1" addr add 10.77.0.1/24 dev "v$$a"
+  ip -n "$ns2" addr add 10.77.0.2/24 dev "v$$b"
+  for n in "$ns1" "$ns2"; do ip -n "$n" link set lo up; done
+  ip -n "$ns1" link set "v$$a" up
+  ip -n "$ns2" link set "v$$b" up
+  ip netns exec "$ns1" tc qdisc add dev "v$$a" root tbf rate 1gbit burst 256kb latency 50ms
+  ip netns exec "$ns2" tc qdisc add dev "v$$b" root tbf rate 1gbit burst 256kb latency 50ms
+  start_agent h1 10.77.0.1:7000 "$ns1"
+  start_agent h2 10.77.0.2:7000 "$ns2"
+  create_memcheck h1 mc
+  check "two hosts: memcheck runs on h1" wait_passes h1 mc 2
+  check "two hosts: migrate h1 -> h2 over 1 Gbit/s (verify)" migrate_ok h1 h2 mc --verify
+  check "two hosts: rate stayed under the link" jq -e '.bytes_sent / (.total_time_ms / 1000) < 140000000' "$tmp/last-record.json"
+  check "two hosts: guest goes on on h2, no error" guest_goes_on h2 mc
+  check "two hosts: h1 holds no copy" absent h1 mc
+  check "two hosts: migrate back h2 -> h1" migrate_ok h2 h1 mc --verify
+  check "two hosts: guest goes on on h1" guest_goes_on h1 mc
+else
+  not_ok "two hosts: cannot create network namespaces"
+fi
+
+echo "$passes passed, $fails failed"
+[ "$fails" -eq 0 ]
