@@ -112,7 +112,7 @@ wait_mig_state() { # agent id state-regex [seconds]
   echo "# migration $2 on $1 is $s, not $3"
   return 1
 }
-no_vms() { [ "$(ctl "$1" --json vm list | jq 'length')" = 0 ]; }
+no_vms() { [ "$(ctl "$1" --json vm list | jq '.vms | length')" = 0 ]; }
 wait_no_vms() { local i; for i in $(seq 100); do no_vms "$1" && return 0; sleep 0.1; done; return 1; }
 create_memcheck() { # agent name [extra args]
   local a=$1 n=$2; shift 2
