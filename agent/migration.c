@@ -1007,7 +1007,12 @@ static int dest_create_vm(struct migration *m, const struct proto_vm_offer *o)
 	r = vm_new(&cfg, &v->vm, &verr);
 	if (r < 0) {
 		agent_vm_put(a, v);
-		return dest_refuse(m, r == -E2BIG || r == -ENOMEM ? PROTO_E_NOMEM : PROTO_E_SHAPE,
+		/* -E2BIG covers both too much memory and too many vCPUs: tell them apart. */
+		long pages = sysconf(_SC_PHYS_PAGES);
+		bool mem = r == -ENOMEM ||
+			   (r == -E2BIG && pages > 0 &&
+			    o->mem_size > (uint64_t)pages * (uint64_t)sysconf(_SC_PAGESIZE));
+		return dest_refuse(m, mem ? PROTO_E_NOMEM : PROTO_E_SHAPE,
 				   "cannot create VM %s here: %s", o->name, verr.msg);
 	}
 	bool same = vm_nr_slots(v->vm) == o->nr_slots;

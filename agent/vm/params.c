@@ -39,6 +39,7 @@ static const struct key_spec dirtier_keys[] = {
 	{"rate", 0, UINT64_MAX, 1, false},
 	{"hot_pct", 1, 100, 1, false},
 	{"hot_ratio", 0, 100, 1, false},
+	{"passes", 0, UINT64_MAX, 1, false},
 	{NULL, 0, 0, 0, false},
 };
 

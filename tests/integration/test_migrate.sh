@@ -237,6 +237,28 @@ kill -9 "${pid[host-a]}"; wait "${pid[host-a]}" 2>/dev/null; unset "pid[host-a]"
 check "kill -9 source mid-precopy: destination discards it (no orphan)" wait_no_vms host-b
 stop_agent host-b
 
+# SIGTERM on the source mid-precopy: the agent cancels the outgoing migration (the VM is
+# never half-migrated), exits 0 promptly, and the destination keeps nothing.
+start_agent host-b 127.0.0.1:0 ""
+FERRY_TEST_HOLD="precopy:60000" start_agent host-a 127.0.0.1:0 ""
+create_memcheck host-a mc3
+wait_passes host-a mc3 1
+id=$(ctl host-a --json migrate mc3 --to "${listen[host-b]}" | jq -r .id)
+wait_mig_state host-a "$id" precopy 30
+t0=$(date +%s%N)
+kill -TERM "${pid[host-a]}"
+wait "${pid[host-a]}"
+rc=$?
+unset "pid[host-a]"
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+echo "# SIGTERM: exit $rc after $ms ms"
+check "SIGTERM mid-migration: source exits 0" test "$rc" = 0
+check "SIGTERM mid-migration: within 10 s" test "$ms" -lt 10000
+check "SIGTERM mid-migration: log says the migration was cancelled" \
+  grep -q "migration $id.*cancelled" "$tmp/host-a/log"
+check "SIGTERM mid-migration: destination keeps nothing" wait_no_vms host-b
+stop_agent host-b
+
 # ---------------------------------------------------------------- 2. two hosts, 1 Gbit/s
 ns1=ferry-t$$-1 ns2=ferry-t$$-2
 if ip netns add "$ns1" 2>/dev/null && ip netns add "$ns2"; then

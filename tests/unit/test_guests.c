@@ -331,6 +331,40 @@ static void dirtier_random(void **state)
 	vm_free(vm);
 }
 
+/* passes=1: after its first pass the dirtier writes nothing more and only sleeps. */
+static void dirtier_stops_after_passes(void **state)
+{
+	(void)state;
+	static const char *const params[] = {"wss=256K", "passes=1", NULL};
+	struct vm *vm = tu_vm_builtin("dirt-stop", "dirtier", 16 * MIB, 2, TRACKER_AUTO, params);
+	assert_int_equal(vm_start(vm), 0);
+	check_wait(vm, tu_wait_passes(vm, 1, 10000), "dirtier first pass");
+	usleep(100000);
+
+	static uint8_t snap[256 * 1024];
+	struct vm_vcpu_stats a, b;
+	vm_stats_total(vm, &a);
+	const uint8_t *region = vm_gpa_to_hva(vm, FERRY_FREE_GPA, sizeof(snap));
+	assert_non_null(region);
+	memcpy(snap, region, sizeof(snap));
+	usleep(300000);
+	vm_stats_total(vm, &b);
+	assert_int_equal(b.passes, a.passes);
+	assert_int_equal(b.pages, a.pages);
+	assert_true(b.sleep_ns > a.sleep_ns); /* it sleeps on the host, it does not spin */
+	assert_memory_equal(snap, region, sizeof(snap));
+	/* And the pass it made touched every page of the region. */
+	for (uint64_t i = 0; i < sizeof(snap) / PAGE; i++) {
+		const uint64_t *w = page_at(vm, FERRY_FREE_GPA + i * PAGE);
+		unsigned j = 0;
+		while (j < PAGE / 8 && !w[j])
+			j++;
+		assert_true(j < PAGE / 8);
+	}
+	assert_int_equal(b.errors, 0);
+	vm_free(vm);
+}
+
 static void dirtier_hotcold(void **state)
 {
 	(void)state;
@@ -525,6 +559,7 @@ int main(void)
 		cmocka_unit_test(dirtier_rate),
 		cmocka_unit_test(dirtier_random),
 		cmocka_unit_test(dirtier_hotcold),
+		cmocka_unit_test(dirtier_stops_after_passes),
 		cmocka_unit_test(touch_generations),
 		cmocka_unit_test(touch_dirties_only_its_pages),
 		cmocka_unit_test(bad_params),

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "agent/agent.h"
+#include "transport/transport.h"
 
 struct pair {
 	char dir[64];
@@ -255,6 +256,46 @@ static void nobody_there(void **state)
 	assert_int_equal(agent_vm_delete(p->a, "lonely", &err), 0);
 }
 
+/* A peer offering a VM this host cannot build (1000 vCPUs) is refused with a reason. */
+static void refused_shape(void **state)
+{
+	struct pair *p = *state;
+	struct xctl *c = NULL;
+	char err[256];
+	void *buf = NULL;
+	size_t len = 0;
+	uint16_t type = 0;
+	assert_int_equal(xctl_connect(agent_listen_address(p->b), 5000, &c, err, sizeof(err)), 0);
+	struct proto_hello h = {.min_version = 1, .max_version = 1, .migration_id = 77,
+				.caps = PROTO_CAP_TCP, .page_size = 4096, .streams = 1};
+	snprintf(h.agent, sizeof(h.agent), "raw-test");
+	assert_int_equal(proto_encode_hello(&h, &buf, &len), 0);
+	assert_int_equal(xctl_send(c, PROTO_HELLO, buf, len), 0);
+	free(buf);
+	assert_int_equal(xctl_recv(c, &type, &buf, &len, 5000, err, sizeof(err)), 0);
+	assert_int_equal(type, PROTO_WELCOME);
+	free(buf);
+	struct proto_vm_offer o = {.mem_size = 64ull << 20, .vcpus = 1000, .irqchip = 1,
+				   .nr_slots = 1};
+	snprintf(o.name, sizeof(o.name), "huge");
+	snprintf(o.guest, sizeof(o.guest), "memcheck");
+	o.slots[0].size = o.mem_size;
+	assert_int_equal(proto_encode_vm_offer(&o, &buf, &len), 0);
+	assert_int_equal(xctl_send(c, PROTO_VM_OFFER, buf, len), 0);
+	free(buf);
+	assert_int_equal(xctl_recv(c, &type, &buf, &len, 5000, err, sizeof(err)), 0);
+	assert_int_equal(type, PROTO_REFUSE);
+	struct proto_refuse rf;
+	assert_int_equal(proto_decode_refuse(buf, len, &rf, err, sizeof(err)), 0);
+	free(buf);
+	print_message("shape refusal: %s: %s\n", proto_code_name(rf.code), rf.message);
+	assert_int_equal(rf.code, PROTO_E_SHAPE);
+	assert_non_null(strstr(rf.message, "vCPUs"));
+	xctl_free(c);
+	struct agent_vm_info info;
+	assert_int_equal(agent_vm_info(p->b, "huge", &info, NULL), -ENOENT);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -262,6 +303,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(refused_when_busy, setup, teardown),
 		cmocka_unit_test_setup_teardown(cancel_in_precopy, setup, teardown),
 		cmocka_unit_test_setup_teardown(nobody_there, setup, teardown),
+		cmocka_unit_test_setup_teardown(refused_shape, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -9,7 +9,9 @@
  * debug port instead of spinning, because the hosts that run these tests have few cores.
  *
  * Parameters: wss, pattern (0 seq, 1 random, 2 hotcold), rate (pages/s per vCPU, 0 =
- * unlimited), hot_pct (default 10), hot_ratio (default 90).
+ * unlimited), hot_pct (default 10), hot_ratio (default 90), passes (stop writing after this
+ * many passes and sleep quietly through the debug port, 0 = never stop; gives benchmarks an
+ * idle guest whose memory is fully touched).
  * Reports: READY at start, PROGRESS (a0 = passes, a1 = pages written) whenever another
  * region's worth of pages has been written.
  */
@@ -19,7 +21,7 @@
 
 enum { PAT_SEQ = 0, PAT_RANDOM = 1, PAT_HOTCOLD = 2 };
 
-static const char *const keys[] = {"wss", "pattern", "rate", "hot_pct", "hot_ratio", NULL};
+static const char *const keys[] = {"wss", "pattern", "rate", "hot_pct", "hot_ratio", "passes", NULL};
 static const char *const pattern_names[] = {"seq", "random", "hotcold"};
 
 /* Longest single sleep: bounds how stale the guest's view of time can get if the host
@@ -69,6 +71,7 @@ void guest_main(uint32_t idx, struct ferry_bootinfo *bi)
 	uint64_t rate = g_param_or(bi, "rate", 0);
 	uint64_t hot_pct = g_param_or(bi, "hot_pct", 10);
 	uint64_t hot_ratio = g_param_or(bi, "hot_ratio", 90);
+	uint64_t stop_after = g_param_or(bi, "passes", 0);
 	if (pattern > PAT_HOTCOLD)
 		g_param_fail(idx, NAME, "pattern", pattern,
 			     "must be 0 (seq), 1 (random) or 2 (hotcold)");
@@ -113,6 +116,8 @@ void guest_main(uint32_t idx, struct ferry_bootinfo *bi)
 			if (++in_pass == reg.pages) {
 				in_pass = 0;
 				g_dbg(FERRY_DBG_PROGRESS, idx, ++passes, written, 0, 0);
+				if (stop_after && passes == stop_after)
+					goto idle;
 			}
 		}
 		if (!tpp)
@@ -127,4 +132,9 @@ void guest_main(uint32_t idx, struct ferry_bootinfo *bi)
 			w0 = written;
 		}
 	}
+idle:
+	/* Done: no more stores, only sleeps (the host's vCPU thread sleeps too). */
+	g_printf("%s vcpu %u: stopped after %lu passes\n", NAME, idx, passes);
+	for (;;)
+		g_sleep_ns(idx, SLEEP_MAX_NS);
 }
