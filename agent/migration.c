@@ -1306,6 +1306,7 @@ static struct migration *migration_alloc(struct agent *a, bool incoming)
 	m->incoming = incoming;
 	pthread_mutex_init(&m->lock, NULL);
 	m->info.incoming = incoming;
+	m->info.state = MIG_SETUP; /* nothing queues yet (host admission is issue 4) */
 	m->info.started_unix_ms = agent_unix_ms();
 	snprintf(m->info.transport, sizeof(m->info.transport), "tcp");
 	return m;

@@ -65,7 +65,9 @@ echo "ferry: on host-b now:"
 ctl host-b vm list
 echo
 echo "ferry: host-a holds: $(ctl host-a --json vm list | tr -d '\n ' )  (empty: the source copy is gone)"
-echo "ferry: guest console on host-b (last lines):"
-ctl host-b vm console demo | tail -n 4
+before=$(ctl host-b --json vm show demo | sed -n 's/.*"passes": *\([0-9]*\).*/\1/p')
+sleep 3
+ctl host-b --json vm show demo | sed -n 's/.*"passes": *\([0-9]*\).*/\1/p;s/.*"guest_errors": *\([0-9]*\).*/\1/p' \
+  | { read -r after; read -r errs; echo "ferry: memcheck on host-b: pass $before -> $after in 3 s, $errs errors reported by the guest"; }
 echo
 echo "ferry: done; both agents stop now. Next: tests/run.sh runs the whole test suite."
