@@ -700,6 +700,26 @@ static void *listener_thread(void *arg)
 	}
 }
 
+void agent_format_bound(int fd, char *out, size_t len)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char host[INET6_ADDRSTRLEN] = "?";
+	unsigned port = 0;
+	if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
+		if (ss.ss_family == AF_INET) {
+			struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+			inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
+			port = ntohs(s4->sin_port);
+		} else if (ss.ss_family == AF_INET6) {
+			struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+			inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
+			port = ntohs(s6->sin6_port);
+		}
+	}
+	snprintf(out, len, strchr(host, ':') ? "[%s]:%u" : "%s:%u", host, port);
+}
+
 static int bind_listener(struct agent *a, struct agent_error *err)
 {
 	const struct ferry_hostport *hp = &a->cfg.migration.listen;
@@ -726,23 +746,7 @@ static int bind_listener(struct agent *a, struct agent_error *err)
 				 hp->port, strerror(e));
 	}
 	freeaddrinfo(res);
-	struct sockaddr_storage ss;
-	socklen_t sl = sizeof(ss);
-	char host[INET6_ADDRSTRLEN] = "?";
-	unsigned bound_port = 0;
-	if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
-		if (ss.ss_family == AF_INET) {
-			struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-			inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
-			bound_port = ntohs(s4->sin_port);
-		} else if (ss.ss_family == AF_INET6) {
-			struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
-			inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
-			bound_port = ntohs(s6->sin6_port);
-		}
-	}
-	snprintf(a->listen_addr, sizeof(a->listen_addr), strchr(host, ':') ? "[%s]:%u" : "%s:%u",
-		 host, bound_port);
+	agent_format_bound(fd, a->listen_addr, sizeof(a->listen_addr));
 	a->listen_fd = fd;
 	return 0;
 }

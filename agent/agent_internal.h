@@ -84,6 +84,8 @@ void agent_vm_remove(struct agent *a, struct agent_vm *v);
 struct agent_vm *agent_vm_alloc(const struct agent_vm_spec *spec);
 /* JSON-safe copy of s into out (escapes quotes, backslashes, control characters). */
 void agent_json_escape(const char *s, char *out, size_t outlen);
+/* "host:port" ("[v6]:port") a bound socket listens on. */
+void agent_format_bound(int fd, char *out, size_t len);
 int64_t agent_unix_ms(void);
 uint64_t agent_mono_ns(void);
 

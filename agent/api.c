@@ -1597,23 +1597,7 @@ static int bind_tcp(struct api *api, const struct ferry_hostport *hp, int *ret_f
 			    hp->port, strerror(e));
 	}
 	freeaddrinfo(res);
-	struct sockaddr_storage ss;
-	socklen_t sl = sizeof(ss);
-	char host[INET6_ADDRSTRLEN] = "?";
-	unsigned bound = hp->port;
-	if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
-		if (ss.ss_family == AF_INET) {
-			struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-			inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
-			bound = ntohs(s4->sin_port);
-		} else if (ss.ss_family == AF_INET6) {
-			struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
-			inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
-			bound = ntohs(s6->sin6_port);
-		}
-	}
-	snprintf(api->tcp_addr, sizeof(api->tcp_addr), strchr(host, ':') ? "[%s]:%u" : "%s:%u",
-		 host, bound);
+	agent_format_bound(fd, api->tcp_addr, sizeof(api->tcp_addr));
 	*ret_fd = fd;
 	return 0;
 }

@@ -57,10 +57,7 @@ struct tcp_ctl {
 	char dead_reason[160]; /* why recv_dead, repeated to every later caller */
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
+void xport_set_err(char *err, size_t errlen, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -248,13 +245,13 @@ int tcp_connect(const char *hostport, int timeout_ms, int sndbuf, int *ret_fd, c
 	int r;
 
 	if (!hostport || split_hostport(hostport, host, sizeof(host), port, sizeof(port)) < 0) {
-		set_err(err, errlen, "bad address \"%s\" (want host:port or [v6]:port)",
+		xport_set_err(err, errlen, "bad address \"%s\" (want host:port or [v6]:port)",
 			hostport ? hostport : "(null)");
 		return -EINVAL;
 	}
 	r = getaddrinfo(host, port, &hints, &res);
 	if (r) {
-		set_err(err, errlen, "cannot resolve %s: %s", hostport, gai_strerror(r));
+		xport_set_err(err, errlen, "cannot resolve %s: %s", hostport, gai_strerror(r));
 		return r == EAI_SYSTEM ? -errno : -EHOSTUNREACH;
 	}
 	r = -EHOSTUNREACH;
@@ -267,7 +264,7 @@ int tcp_connect(const char *hostport, int timeout_ms, int sndbuf, int *ret_fd, c
 		}
 		char addr[CTL_PEER_LEN];
 		sockaddr_string(ai->ai_addr, addr, sizeof(addr));
-		set_err(err, errlen, "connect to %s (%s): %s", hostport, addr, strerror(-r));
+		xport_set_err(err, errlen, "connect to %s (%s): %s", hostport, addr, strerror(-r));
 		if (r == -ETIMEDOUT)
 			break;
 	}
@@ -394,7 +391,7 @@ static int ctl_recv(struct xctl *base, uint16_t *ret_type, void **ret_payload, s
 	int r;
 
 	if (c->recv_dead) {
-		set_err(err, errlen, "%s", c->dead_reason);
+		xport_set_err(err, errlen, "%s", c->dead_reason);
 		return c->recv_dead;
 	}
 	if (c->hdr_got < PROTO_HDR_LEN) {
@@ -409,7 +406,7 @@ static int ctl_recv(struct xctl *base, uint16_t *ret_type, void **ret_payload, s
 				 c->peer, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9],
 				 b[10], b[11]);
 			c->recv_dead = -EBADMSG;
-			set_err(err, errlen, "%s", c->dead_reason);
+			xport_set_err(err, errlen, "%s", c->dead_reason);
 			return -EBADMSG;
 		}
 		/* +1: a zero-length payload still gets a distinct, freeable buffer. */
@@ -419,7 +416,7 @@ static int ctl_recv(struct xctl *base, uint16_t *ret_type, void **ret_payload, s
 			snprintf(c->dead_reason, sizeof(c->dead_reason),
 				 "no memory for a %u-byte frame from %s", c->h.len, c->peer);
 			c->recv_dead = -ENOMEM;
-			set_err(err, errlen, "%s", c->dead_reason);
+			xport_set_err(err, errlen, "%s", c->dead_reason);
 			return -ENOMEM;
 		}
 		c->payload_got = 0;
@@ -439,10 +436,10 @@ static int ctl_recv(struct xctl *base, uint16_t *ret_type, void **ret_payload, s
 fail:
 	switch (r) {
 	case -ETIMEDOUT:
-		set_err(err, errlen, "no complete message from %s in %d ms", c->peer, timeout_ms);
+		xport_set_err(err, errlen, "no complete message from %s in %d ms", c->peer, timeout_ms);
 		return r;
 	case -ECANCELED:
-		set_err(err, errlen, "interrupted");
+		xport_set_err(err, errlen, "interrupted");
 		return r;
 	case -ECONNRESET:
 		snprintf(c->dead_reason, sizeof(c->dead_reason), "%s closed the connection%s",
@@ -455,7 +452,7 @@ fail:
 		break;
 	}
 	c->recv_dead = r;
-	set_err(err, errlen, "%s", c->dead_reason);
+	xport_set_err(err, errlen, "%s", c->dead_reason);
 	return r;
 }
 
@@ -551,7 +548,7 @@ int xctl_connect(const char *hostport, int timeout_ms, struct xctl **ret, char *
 		return r;
 	r = xctl_from_fd(fd, ret);
 	if (r < 0) {
-		set_err(err, errlen, "control channel to %s: %s", hostport, strerror(-r));
+		xport_set_err(err, errlen, "control channel to %s: %s", hostport, strerror(-r));
 		close(fd);
 	}
 	return r;

@@ -49,20 +49,6 @@
 #define BUCKET_BURST_DIV 50
 #define BUCKET_MIN_BURST (256u << 10)
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (!err || !errlen)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
-
 static int64_t now_ns(void)
 {
 	struct timespec ts;
@@ -572,7 +558,7 @@ static int src_start_threads(struct tcp_src *x, char *err, size_t errlen)
 	for (unsigned i = 0; i < x->nr_streams; i++) {
 		r = -pthread_create(&x->streams[i].thread, NULL, src_stream_main, &x->streams[i]);
 		if (r < 0) {
-			set_err(err, errlen, "starting stream thread %u: %s", i, strerror(-r));
+			xport_set_err(err, errlen, "starting stream thread %u: %s", i, strerror(-r));
 			break;
 		}
 		x->streams[i].thread_started = true;
@@ -586,7 +572,7 @@ static int src_start_threads(struct tcp_src *x, char *err, size_t errlen)
 	}
 	if (!r && x->start_err) {
 		r = x->start_err;
-		set_err(err, errlen, "page reader: %s%s", strerror(-r),
+		xport_set_err(err, errlen, "page reader: %s%s", strerror(-r),
 			r == -ENOMEM ? " (RLIMIT_MEMLOCK too low for the registered buffers?)"
 				     : "");
 	}
@@ -614,7 +600,7 @@ static int src_open_stream(struct src_stream *s, const char *hostport,
 	r = src_send_frame(s, PROTO_STREAM_HELLO, payload, len);
 	free(payload);
 	if (r < 0)
-		set_err(err, errlen, "stream %u to %s: STREAM_HELLO: %s", s->idx, hostport,
+		xport_set_err(err, errlen, "stream %u to %s: STREAM_HELLO: %s", s->idx, hostport,
 			strerror(-r));
 	return r;
 }
@@ -630,19 +616,19 @@ int xport_src_tcp_new(const struct xport_src_config *cfg, const char *hostport,
 	if (!cfg || !cfg->streams || cfg->streams > XPORT_MAX_STREAMS || !hostport || !token ||
 	    !region_fds || !region_sizes || !nr_regions || nr_regions > XPORT_MAX_REGIONS ||
 	    !ret) {
-		set_err(err, errlen, "bad transport configuration");
+		xport_set_err(err, errlen, "bad transport configuration");
 		return -EINVAL;
 	}
 	for (unsigned i = 0; i < nr_regions; i++) {
 		if (region_sizes[i] % PAGE || region_fds[i] < 0) {
-			set_err(err, errlen, "region %u: bad file or size", i);
+			xport_set_err(err, errlen, "region %u: bad file or size", i);
 			return -EINVAL;
 		}
 	}
 
 	x = calloc(1, sizeof(*x));
 	if (!x) {
-		set_err(err, errlen, "out of memory");
+		xport_set_err(err, errlen, "out of memory");
 		return -ENOMEM;
 	}
 	x->base.ops = &tcp_src_ops;
@@ -659,7 +645,7 @@ int xport_src_tcp_new(const struct xport_src_config *cfg, const char *hostport,
 	x->region_pages = calloc(nr_regions, sizeof(*x->region_pages));
 	if (!x->region_pages) {
 		r = -ENOMEM;
-		set_err(err, errlen, "out of memory");
+		xport_set_err(err, errlen, "out of memory");
 		goto err_free;
 	}
 	for (unsigned i = 0; i < nr_regions; i++)
@@ -667,13 +653,13 @@ int xport_src_tcp_new(const struct xport_src_config *cfg, const char *hostport,
 	x->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (x->stop_fd < 0) {
 		r = -errno;
-		set_err(err, errlen, "eventfd: %s", strerror(-r));
+		xport_set_err(err, errlen, "eventfd: %s", strerror(-r));
 		goto err_free;
 	}
 	x->streams = calloc(cfg->streams, sizeof(*x->streams));
 	if (!x->streams) {
 		r = -ENOMEM;
-		set_err(err, errlen, "out of memory");
+		xport_set_err(err, errlen, "out of memory");
 		goto err_free;
 	}
 	x->nr_streams = cfg->streams;

@@ -83,6 +83,9 @@ int tcp_connect(const char *hostport, int timeout_ms, int sndbuf, int *ret_fd, c
 void tcp_set_liveness(int fd);
 /* "ip:port" / "[ip6]:port" of the peer (or "?"), into buf. */
 void tcp_peer_string(int fd, char *buf, size_t len);
+/* Formats a reason into err (if err and errlen); shared by the TCP files. */
+void xport_set_err(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
 /* Drops the first `done` bytes of an iovec array in place; returns the new count. */
 size_t iov_advance(struct iovec **iov, size_t iovcnt, size_t done);
 /* Milliseconds on CLOCK_MONOTONIC. */

@@ -30,18 +30,6 @@ static void check_wait(struct vm *vm, int r, const char *what)
 		 vm_run_state_name(vm_state(vm)), vm_failure(vm));
 }
 
-static bool all_ready(struct vm *vm, void *arg)
-{
-	(void)arg;
-	for (unsigned i = 0; i < vm_config(vm)->vcpus; i++) {
-		struct vm_vcpu_stats s;
-		vm_vcpu_stats(vm, i, &s);
-		if (!s.ready)
-			return vm_state(vm) == VM_FAILED;
-	}
-	return true;
-}
-
 /* Counts kept error records (the first VM_ERRORS_KEPT), so the records can be read as soon
  * as the wait ends. */
 static bool errors_at_least(struct vm *vm, void *arg)
@@ -396,7 +384,7 @@ static void touch_generations(void **state)
 	struct ferry_bootinfo *bi = vm_bootinfo(vm);
 	assert_non_null(bi);
 	assert_int_equal(vm_start(vm), 0);
-	check_wait(vm, vm_wait(vm, all_ready, NULL, 10000), "touch ready");
+	check_wait(vm, vm_wait(vm, tu_all_ready, NULL, 10000), "touch ready");
 
 	for (uint64_t gen = 1; gen <= 3; gen++) {
 		bi->host_gen = gen;
@@ -453,7 +441,7 @@ static void touch_dirties_only_its_pages(void **state)
 	static const char *const params[] = {"wss=256K", "stride=3", NULL};
 	struct vm *vm = tu_vm_builtin("touch-dirty", "touch", 16 * MIB, 2, TRACKER_BITMAP, params);
 	assert_int_equal(vm_start(vm), 0);
-	check_wait(vm, vm_wait(vm, all_ready, NULL, 10000), "touch ready");
+	check_wait(vm, vm_wait(vm, tu_all_ready, NULL, 10000), "touch ready");
 	assert_int_equal(vm_pause(vm), 0);
 	assert_int_equal(tracker_start(vm_tracker(vm), false), 0);
 	assert_int_equal(vm_resume(vm), 0);

@@ -29,20 +29,6 @@
 #define OFFSET 1u
 #define WAIT_MS 20000
 
-static bool all_ready(struct vm *vm, void *arg)
-{
-	(void)arg;
-	if (vm_state(vm) == VM_FAILED)
-		return true;
-	for (unsigned i = 0; i < vm_config(vm)->vcpus; i++) {
-		struct vm_vcpu_stats s;
-		vm_vcpu_stats(vm, i, &s);
-		if (!s.ready)
-			return false;
-	}
-	return true;
-}
-
 static bool all_done(struct vm *vm, void *arg)
 {
 	uint64_t gen = *(uint64_t *)arg;
@@ -178,7 +164,7 @@ static void run_backend(enum tracker_backend backend)
 		assert_int_equal(tracker_ring_entries(t), 0);
 
 	assert_int_equal(vm_start(vm), 0);
-	int r = vm_wait(vm, all_ready, NULL, WAIT_MS);
+	int r = vm_wait(vm, tu_all_ready, NULL, WAIT_MS);
 	check_alive(vm);
 	assert_int_equal(r, 0);
 	assert_int_equal(vm_pause(vm), 0);

@@ -32,20 +32,6 @@
 #define WAIT_MS 20000
 #define HARVEST_US 20000u
 
-static bool all_ready(struct vm *vm, void *arg)
-{
-	(void)arg;
-	if (vm_state(vm) == VM_FAILED)
-		return true;
-	for (unsigned i = 0; i < vm_config(vm)->vcpus; i++) {
-		struct vm_vcpu_stats s;
-		vm_vcpu_stats(vm, i, &s);
-		if (!s.ready)
-			return false;
-	}
-	return true;
-}
-
 static void check_alive(struct vm *vm)
 {
 	if (vm_state(vm) == VM_FAILED) {
@@ -77,7 +63,7 @@ static struct vm *memcheck_vm(const char *name, unsigned vcpus, uint64_t mem, ui
 	if (ring)
 		assert_int_equal(tracker_ring_entries(vm_tracker(vm)), ring);
 	assert_int_equal(vm_start(vm), 0);
-	int r = vm_wait(vm, all_ready, NULL, WAIT_MS);
+	int r = vm_wait(vm, tu_all_ready, NULL, WAIT_MS);
 	check_alive(vm);
 	assert_int_equal(r, 0);
 	return vm;
@@ -321,7 +307,7 @@ static void test_exact_after_overflow(void **state)
 	struct vm *vm = tu_vm_builtin_cfg(&cfg, "touch", params);
 	struct tracker *t = vm_tracker(vm);
 	assert_int_equal(vm_start(vm), 0);
-	int r = vm_wait(vm, all_ready, NULL, WAIT_MS);
+	int r = vm_wait(vm, tu_all_ready, NULL, WAIT_MS);
 	check_alive(vm);
 	assert_int_equal(r, 0);
 	assert_int_equal(vm_pause(vm), 0);

@@ -33,20 +33,6 @@
 #define RING_FULL_WAIT_NS 10000000000ull
 #define WAIT_MS 20000
 
-static bool all_ready(struct vm *vm, void *arg)
-{
-	(void)arg;
-	if (vm_state(vm) == VM_FAILED)
-		return true;
-	for (unsigned i = 0; i < vm_config(vm)->vcpus; i++) {
-		struct vm_vcpu_stats s;
-		vm_vcpu_stats(vm, i, &s);
-		if (!s.ready)
-			return false;
-	}
-	return true;
-}
-
 static void check_alive(struct vm *vm)
 {
 	if (vm_state(vm) == VM_FAILED) {
@@ -120,7 +106,7 @@ static void run_backend(enum tracker_backend backend)
 	}
 
 	assert_int_equal(vm_start(vm), 0);
-	int r = vm_wait(vm, all_ready, NULL, WAIT_MS);
+	int r = vm_wait(vm, tu_all_ready, NULL, WAIT_MS);
 	check_alive(vm);
 	assert_int_equal(r, 0);
 

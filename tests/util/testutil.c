@@ -82,6 +82,20 @@ struct vm *tu_vm_builtin(const char *name, const char *guest, uint64_t mem, unsi
 	return tu_vm_builtin_cfg(&cfg, guest, params);
 }
 
+bool tu_all_ready(struct vm *vm, void *arg)
+{
+	(void)arg;
+	if (vm_state(vm) == VM_FAILED)
+		return true;
+	for (unsigned i = 0; i < vm_config(vm)->vcpus; i++) {
+		struct vm_vcpu_stats s;
+		vm_vcpu_stats(vm, i, &s);
+		if (!s.ready)
+			return false;
+	}
+	return true;
+}
+
 uint64_t tu_min_passes(const struct vm *vm)
 {
 	uint64_t min = UINT64_MAX;

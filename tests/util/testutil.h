@@ -33,6 +33,9 @@ struct vm *tu_vm_builtin(const char *name, const char *guest, uint64_t mem, unsi
 struct vm *tu_vm_builtin_cfg(const struct vm_config *cfg, const char *guest,
 			     const char *const *params);
 
+/* vm_wait() predicate: every vCPU sent READY, or the VM failed. */
+bool tu_all_ready(struct vm *vm, void *arg);
+
 /* Waits until every vCPU reported at least `passes` passes (memcheck/dirtier). */
 int tu_wait_passes(struct vm *vm, uint64_t passes, int timeout_ms);
 /* Minimum passes over vCPUs. */
