@@ -623,6 +623,19 @@ static enum MHD_Result respond_vm(struct api *api, struct MHD_Connection *c, con
 				location ? loc : NULL);
 }
 
+/* {"<key>": arr}, 200: the shape of every list. Takes arr over. */
+static enum MHD_Result respond_list(struct MHD_Connection *c, const char *key, json_t *arr)
+{
+	json_t *o = json_object();
+	if (!o || !arr) {
+		json_decref(o);
+		json_decref(arr);
+		return MHD_NO;
+	}
+	put(o, key, arr);
+	return respond_json(c, MHD_HTTP_OK, o);
+}
+
 static enum MHD_Result list_vms(struct api *api, struct MHD_Connection *c)
 {
 	struct agent_error err = {0};
@@ -634,13 +647,7 @@ static enum MHD_Result list_vms(struct api *api, struct MHD_Connection *c)
 	for (unsigned i = 0; arr && i < n; i++)
 		json_array_append_new(arr, vm_json(&vms[i]));
 	free(vms);
-	json_t *o = json_object();
-	if (!o) {
-		json_decref(arr);
-		return MHD_NO;
-	}
-	put(o, "vms", arr);
-	return respond_json(c, MHD_HTTP_OK, o);
+	return respond_list(c, "vms", arr);
 }
 
 static const char *const vm_create_fields[] = {"name",	 "memory",  "vcpus",	 "guest",
@@ -831,13 +838,7 @@ static enum MHD_Result list_migrations(struct api *api, struct MHD_Connection *c
 	for (unsigned i = 0; arr && i < n; i++)
 		json_array_append_new(arr, migration_json(&migs[i]));
 	free(migs);
-	json_t *o = json_object();
-	if (!o) {
-		json_decref(arr);
-		return MHD_NO;
-	}
-	put(o, "migrations", arr);
-	return respond_json(c, MHD_HTTP_OK, o);
+	return respond_list(c, "migrations", arr);
 }
 
 static const char *const migration_create_fields[] = {

@@ -478,21 +478,26 @@ static int vm_path(char *buf, size_t len, const char *name, const char *suffix)
 	return 0;
 }
 
-static int cmd_vm_show(struct ctl *ctl, const char *name)
+/* GET one resource and print it: JSON as is, or through the human printer. */
+static int show(struct ctl *ctl, const char *path, void (*print)(const json_t *))
 {
-	char path[256];
-	json_t *vm = NULL;
-	int e = vm_path(path, sizeof(path), name, "");
-	if (!e)
-		e = call(ctl, "GET", path, NULL, &vm);
+	json_t *o = NULL;
+	int e = call(ctl, "GET", path, NULL, &o);
 	if (e)
 		return e;
 	if (ctl->json)
-		print_json(vm);
+		print_json(o);
 	else
-		print_vm(vm);
-	json_decref(vm);
+		print(o);
+	json_decref(o);
 	return 0;
+}
+
+static int cmd_vm_show(struct ctl *ctl, const char *name)
+{
+	char path[256];
+	int e = vm_path(path, sizeof(path), name, "");
+	return e ? e : show(ctl, path, print_vm);
 }
 
 static int cmd_vm_action(struct ctl *ctl, const char *name, const char *action)
@@ -706,18 +711,8 @@ static int cmd_migration_list(struct ctl *ctl)
 static int cmd_migration_show(struct ctl *ctl, const char *id)
 {
 	char path[64];
-	json_t *m = NULL;
 	int e = migration_path(path, sizeof(path), id, "");
-	if (!e)
-		e = call(ctl, "GET", path, NULL, &m);
-	if (e)
-		return e;
-	if (ctl->json)
-		print_json(m);
-	else
-		print_migration(m);
-	json_decref(m);
-	return 0;
+	return e ? e : show(ctl, path, print_migration);
 }
 
 static int cmd_migration_action(struct ctl *ctl, const char *id, bool cancel)

@@ -461,6 +461,8 @@ static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
 	if (!b)
 		return -ENOMEM;
 	*ret_pages = 0;
+	/* Counted once; progress below subtracts what was sent (new dirt shows next round). */
+	uint64_t to_send = tracker_dirty_pages(t);
 	for (bool more = true; more && r == 0;) {
 		rs.n = 0;
 		rs.pages = 0;
@@ -494,8 +496,8 @@ static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
 		m->info.bytes_sent = st.bytes;
 		m->info.pages_normal = st.pages;
 		m->info.pages_zero = st.zero_pages;
-		uint64_t left = tracker_dirty_pages(t) * 4096ull;
-		m->info.remaining_bytes = left;
+		m->info.remaining_bytes =
+			(to_send > *ret_pages ? to_send - *ret_pages : 0) * 4096ull;
 		pthread_mutex_unlock(&m->lock);
 	}
 	free(rs.v);
@@ -622,6 +624,12 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 
 	sched_rate_init(&dirty, 3000000000ull);
 	set_state(m, MIG_PRECOPY);
+	/*
+	 * One harvest per round, at its end: tracker_start(mark_all) filled the set for round
+	 * 1, and each round's closing harvest is both the measure of what remains and the
+	 * work of the next round.
+	 */
+	sched_rate_add(&dirty, agent_mono_ns(), 0);
 	for (uint32_t round = 1;; round++) {
 		struct tracker_sync_stats ss;
 		pthread_mutex_lock(&m->lock);
@@ -630,11 +638,6 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		uint64_t t0 = agent_mono_ns();
 		struct xport_src_stats before, after;
 		xport_src_stats(m->src, &before);
-		r = tracker_sync(t, &ss);
-		if (r < 0)
-			return mig_fail(m, r, "harvesting dirty pages: %s", strerror(-r));
-		harvested_total += ss.harvested;
-		sched_rate_add(&dirty, t0, harvested_total);
 		uint64_t pages = 0;
 		r = send_dirty(m, t, fence, &pages);
 		if (r < 0)

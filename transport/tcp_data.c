@@ -928,22 +928,27 @@ static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t
 			j++;
 		s->iov[cnt].iov_base = rg->hva + (ph.first_page + i) * PAGE;
 		s->iov[cnt].iov_len = (size_t)(j - i) * PAGE;
-		cnt++;
+		bool fresh = false;
 		for (uint32_t k = i; k < j; k++) {
 			uint64_t page = ph.first_page + k;
-			atomic_fetch_or_explicit(&rg->written[page / 64], 1ull << (page % 64),
-						 memory_order_relaxed);
+			uint64_t bit = 1ull << (page % 64);
+			fresh |= !(atomic_fetch_or_explicit(&rg->written[page / 64], bit,
+							    memory_order_relaxed) &
+				   bit);
 		}
+		/*
+		 * Fault a span in with one call before receiving into it when some of it was
+		 * never written: otherwise the kernel's copy faults fresh guest memory in page
+		 * by page, which dominates receiving a new guest (costly under nested
+		 * virtualisation). Pages written before are mapped already. Best effort: older
+		 * kernels lack MADV_POPULATE_WRITE and the copy then faults as before.
+		 */
+		if (fresh)
+			madvise(s->iov[cnt].iov_base, s->iov[cnt].iov_len,
+				FERRY_MADV_POPULATE_WRITE);
+		cnt++;
 		i = j;
 	}
-	/*
-	 * Fault the spans in with one call each before receiving into them: otherwise the
-	 * kernel's copy faults guest memory in page by page, which dominates the receive of a
-	 * fresh guest (expensive under nested virtualisation). Best effort: older kernels lack
-	 * MADV_POPULATE_WRITE and the copy then faults as before.
-	 */
-	for (size_t v = 0; v < cnt; v++)
-		madvise(s->iov[v].iov_base, s->iov[v].iov_len, FERRY_MADV_POPULATE_WRITE);
 	if (cnt) {
 		r = dst_recv_iov(s, s->iov, cnt, reason, rlen);
 		if (r < 0)
