@@ -9,8 +9,11 @@
 #            a migration that has not completed within --timeout is cancelled and reported
 #            as "did not converge".
 #   Prints one table: total time, downtime, setup time, MiB sent, rounds, effective
-#   throughput = bytes_sent / (total_time - setup_time), and for the idle case that
-#   throughput as a share of the TCP probe's, with the time spent in each round.
+#   throughput = bytes_sent / (total_time - setup_time), that throughput as a share of the
+#   TCP probe's (of_tcp) and of the same probe writing into a fresh memfd (of_mem: what a
+#   destination can absorb into new guest memory; see docs/benchmarks.md), CPU seconds the
+#   two agents used during the migration, and the time spent in each round. The probes run
+#   right before the idle migration, so the ratios come from one run.
 # Usage: migrate-bench.sh [--build DIR] [--cases idle,dirty] [--streams N]
 #          [--rates 5000,20000,50000] [--timeout SECONDS] [--tcp-bytes SIZE]
 #   DIR defaults to $FERRY_BUILD, else ./build; it must hold agent/ferryd, agent/ferryctl
@@ -106,7 +109,8 @@ wait_passes() { # agent vm n seconds
 # $tmp/LABEL.json and the round log ("ms_since_start round state bytes_sent") in
 # $tmp/LABEL.rounds.
 migrate() {
-  local vm=$1 label=$2 rec id t0 t s r last="" end
+  local vm=$1 label=$2 rec id t0 t s r last="" end c0s c0d
+  c0s=$(cpu_ticks "${pid[src]}") c0d=$(cpu_ticks "${pid[dst]}")
   rec=$(ctl src --json migrate "$vm" --to "${listen[dst]}" --streams "$streams") || {
     echo "migrate-bench: $label: migrate refused: $rec" >&2
     echo '{"state":"refused"}' >"$tmp/$label.json"
@@ -140,21 +144,36 @@ migrate() {
     fi
     sleep 0.05
   done
+  local hz
+  hz=$(getconf CLK_TCK)
+  rec=$(echo "$rec" | jq -c --argjson s "$(( $(cpu_ticks "${pid[src]}") - c0s ))" \
+    --argjson d "$(( $(cpu_ticks "${pid[dst]}") - c0d ))" --argjson hz "$hz" \
+    '. + {cpu_src_s: ($s / $hz), cpu_dst_s: ($d / $hz)}')
   echo "$rec" >"$tmp/$label.json"
 }
 
 results=() # one "label|json" per case
 add_result() { results+=("$1|$(jq -c . "$tmp/$1.json")"); }
 
-tcp_bps=""
-if [ -x "$tcpprobe" ]; then
-  echo "# tcp-throughput --bytes $tcp_bytes --streams $streams"
-  tcp_json=$("$tcpprobe" --bytes "$tcp_bytes" --streams "$streams" --json) || tcp_json=""
-  tcp_bps=$(echo "$tcp_json" | jq -r .bytes_per_sec)
-  echo "# tcp loopback: $(awk -v b="$tcp_bps" 'BEGIN { printf "%.0f MiB/s (%.2f Gbit/s)", b / 1048576, b * 8 / 1e9 }')"
-else
-  echo "# $tcpprobe missing: no TCP baseline (build the tcp-throughput target)"
-fi
+tcp_bps="" mem_bps=""
+# probe: the plain TCP yardstick and the same into a fresh memfd (sets tcp_bps, mem_bps).
+probe() {
+  local j
+  if [ ! -x "$tcpprobe" ]; then
+    echo "# $tcpprobe missing: no TCP baseline (build the tcp-throughput target)"
+    return
+  fi
+  echo "# tcp-throughput --bytes $tcp_bytes --streams $streams [--into-memfd]"
+  j=$("$tcpprobe" --bytes "$tcp_bytes" --streams "$streams" --json) || j=""
+  tcp_bps=$(echo "$j" | jq -r .bytes_per_sec)
+  sleep 1
+  j=$("$tcpprobe" --bytes "$tcp_bytes" --streams "$streams" --into-memfd --json) || j=""
+  mem_bps=$(echo "$j" | jq -r .bytes_per_sec)
+  echo "# tcp loopback: $(awk -v b="$tcp_bps" 'BEGIN { printf "%.0f MiB/s (%.2f Gbit/s)", b / 1048576, b * 8 / 1e9 }')," \
+    "into a fresh memfd: $(awk -v b="$mem_bps" 'BEGIN { printf "%.0f MiB/s", b / 1048576 }')"
+}
+# cpu_ticks PID: user + system clock ticks the process used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 case ",$cases," in *,idle,*)
   echo "# idle: 4 GiB, 1 vCPU, dirtier wss=4092M pattern=seq passes=1"
@@ -165,7 +184,8 @@ case ",$cases," in *,idle,*)
   t=$(now_ms)
   if wait_passes src idle 1 300; then
     echo "# idle: first pass over 4 GiB took $(($(now_ms) - t)) ms"
-    sleep 1
+    probe
+    sleep 5 # let the probe's freed memory go back to the host, as it was for the probe
     migrate idle idle
     add_result idle
     sed 's/^/#   round log (ms round state bytes_sent): /' "$tmp/idle.rounds"
@@ -193,12 +213,12 @@ case ",$cases," in *,dirty,*)
 esac
 
 echo
-printf '%-12s %-20s %9s %9s %9s %9s %7s %10s %9s\n' case result total_ms down_ms setup_ms \
-  sent_MiB rounds MiB/s of_tcp
+printf '%-12s %-17s %8s %8s %8s %8s %6s %7s %6s %6s %11s\n' case result total_ms down_ms \
+  setup_ms sent_MiB rounds MiB/s of_tcp of_mem cpu_src/dst
 for row in "${results[@]}"; do
   label=${row%%|*}
   j=${row#*|}
-  echo "$j" | jq -r --arg lbl "$label" --arg tcp "${tcp_bps:-0}" '
+  echo "$j" | jq -r --arg lbl "$label" --arg tcp "${tcp_bps:-0}" --arg mem "${mem_bps:-0}" '
     def n: if . == null then "-" else tostring end;
     (if .state == "completed" then "completed"
      elif .timed_out then "did not converge"
@@ -209,14 +229,17 @@ for row in "${results[@]}"; do
        ((.bytes_sent // 0) / 1048576 | . * 10 | round / 10 | tostring), (.round | n),
        ($bps / 1048576 | round | tostring),
        (if ($tcp | tonumber) > 0 and .state == "completed"
-        then ($bps / ($tcp | tonumber) * 100 | round | tostring) + "%" else "-" end)]
-    | @tsv' | awk -F'\t' '{ printf "%-12s %-20s %9s %9s %9s %9s %7s %10s %9s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }'
+        then ($bps / ($tcp | tonumber) * 100 | round | tostring) + "%" else "-" end),
+       (if ($mem | tonumber) > 0 and .state == "completed"
+        then ($bps / ($mem | tonumber) * 100 | round | tostring) + "%" else "-" end),
+       "\(.cpu_src_s // "-")/\(.cpu_dst_s // "-")"]
+    | @tsv' | awk -F'\t' '{ printf "%-12s %-17s %8s %8s %8s %8s %6s %7s %6s %6s %11s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 }'
 done
 for row in "${results[@]}"; do
   label=${row%%|*}
   echo "${row#*|}" | jq -r --arg l "$label" \
     '"# \($l): pages_normal \(.pages_normal), pages_zero \(.pages_zero), streams '"$streams"', transport \(.transport)\(if .error then ", error: \(.error)" else "" end)"'
 done
-[ -n "$tcp_bps" ] && awk -v b="$tcp_bps" -v s="$streams" \
-  'BEGIN { printf "# tcp loopback baseline: %.0f MiB/s with %d stream(s)\n", b / 1048576, s }'
+[ -n "$tcp_bps" ] && awk -v b="$tcp_bps" -v m="${mem_bps:-0}" -v s="$streams" \
+  'BEGIN { printf "# tcp loopback baseline: %.0f MiB/s with %d stream(s), %.0f MiB/s into a fresh memfd\n", b / 1048576, s, m / 1048576 }'
 exit 0

@@ -719,14 +719,20 @@ struct dst_stream {
 	bool have_fence;
 	uint64_t fence;
 
-	/* The receiver thread's own scratch: iovecs into guest memory, header bytes, mincore. */
+	/*
+	 * The receiver thread's own scratch: iovecs into guest memory, header bytes, mincore,
+	 * and for regions written through their file, the frame's page data (bounce, one
+	 * frame's worth, allocated on first use).
+	 */
 	struct iovec iov[MAX_SPANS];
+	uint8_t *bounce;
 	uint8_t buf[PAGES_HDR_MAX];
 	unsigned char resident[PROTO_PAGES_MAX];
 };
 
 struct dst_region {
 	uint8_t *hva;
+	int fd; /* -1: write through hva */
 	uint64_t pages;
 	/*
 	 * Bit per page: this receiver wrote data there. Shared by all receivers (a word spans
@@ -869,6 +875,109 @@ static void dst_zero_pages(struct dst_stream *s, struct dst_region *rg,
 	}
 }
 
+/*
+ * Sets the written bit of pages [first, first + n) of rg; true if some page had not been
+ * written before.
+ */
+static bool mark_written(struct dst_region *rg, uint64_t first, uint32_t n)
+{
+	bool fresh = false;
+
+	for (uint64_t page = first; page < first + n; page++) {
+		uint64_t bit = 1ull << (page % 64);
+		fresh |= !(atomic_fetch_or_explicit(&rg->written[page / 64], bit,
+						    memory_order_relaxed) &
+			   bit);
+	}
+	return fresh;
+}
+
+/* Data spans go straight into guest memory; mark them before they may hold data. */
+static int dst_recv_to_memory(struct dst_stream *s, struct dst_region *rg,
+			      const struct proto_pages *ph, char *reason, size_t rlen)
+{
+	size_t cnt = 0;
+
+	for (uint32_t i = 0; i < ph->npages;) {
+		if ((ph->zero_mask[i / 64] >> (i % 64)) & 1) {
+			i++;
+			continue;
+		}
+		uint32_t j = i + 1;
+		while (j < ph->npages && !((ph->zero_mask[j / 64] >> (j % 64)) & 1))
+			j++;
+		s->iov[cnt].iov_base = rg->hva + (ph->first_page + i) * PAGE;
+		s->iov[cnt].iov_len = (size_t)(j - i) * PAGE;
+		/*
+		 * Fault a span in with one call before receiving into it when some of it was
+		 * never written, rather than page by page in the kernel's copy. Best effort:
+		 * older kernels lack MADV_POPULATE_WRITE and the copy then faults as before.
+		 */
+		if (mark_written(rg, ph->first_page + i, j - i))
+			madvise(s->iov[cnt].iov_base, s->iov[cnt].iov_len,
+				FERRY_MADV_POPULATE_WRITE);
+		cnt++;
+		i = j;
+	}
+	return cnt ? dst_recv_iov(s, s->iov, cnt, reason, rlen) : 0;
+}
+
+/*
+ * The frame's page data into the bounce buffer, then each span into the region's file at
+ * its offset. The span is marked written before its pwrite, like the memory path.
+ */
+static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
+			    const struct proto_pages *ph, uint64_t data_len, char *reason,
+			    size_t rlen)
+{
+	struct iovec iov;
+	size_t at = 0;
+	int r;
+
+	if (!data_len)
+		return 0;
+	if (!s->bounce) {
+		s->bounce = aligned_alloc(PAGE, (size_t)PROTO_PAGES_MAX * PAGE);
+		if (!s->bounce) {
+			snprintf(reason, rlen, "stream %u: out of memory", s->idx);
+			return -ENOMEM;
+		}
+	}
+	iov.iov_base = s->bounce;
+	iov.iov_len = data_len;
+	r = dst_recv_iov(s, &iov, 1, reason, rlen);
+	if (r < 0)
+		return r;
+	for (uint32_t i = 0; i < ph->npages;) {
+		if ((ph->zero_mask[i / 64] >> (i % 64)) & 1) {
+			i++;
+			continue;
+		}
+		uint32_t j = i + 1;
+		while (j < ph->npages && !((ph->zero_mask[j / 64] >> (j % 64)) & 1))
+			j++;
+		size_t len = (size_t)(j - i) * PAGE;
+		off_t off = (off_t)((ph->first_page + i) * PAGE);
+		mark_written(rg, ph->first_page + i, j - i);
+		for (size_t done = 0; done < len;) {
+			ssize_t n = pwrite(rg->fd, s->bounce + at + done, len - done,
+					   off + (off_t)done);
+			if (n > 0) {
+				done += (size_t)n;
+				continue;
+			}
+			if (n < 0 && errno == EINTR)
+				continue;
+			snprintf(reason, rlen, "stream %u: writing guest memory: %s", s->idx,
+				 n < 0 ? strerror(errno) : "short write");
+			return n < 0 ? -errno : -EIO;
+		}
+		at += len;
+		i = j;
+	}
+	return 0;
+}
+
 static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t rlen)
 {
 	struct tcp_dst *x = s->x;
@@ -880,7 +989,6 @@ static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t
 	 * header's length is the remainder: no byte of page data is read into a bounce buffer.
 	 */
 	uint32_t hl = len % PAGE;
-	size_t cnt = 0;
 	int r;
 
 	if (hl < PROTO_PAGES_HDR_LEN(1) || hl > PAGES_HDR_MAX) {
@@ -917,43 +1025,12 @@ static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t
 		return -EPROTO;
 	}
 
-	/* Data spans go straight into guest memory; mark them before they may hold data. */
-	for (uint32_t i = 0; i < ph.npages;) {
-		if ((ph.zero_mask[i / 64] >> (i % 64)) & 1) {
-			i++;
-			continue;
-		}
-		uint32_t j = i + 1;
-		while (j < ph.npages && !((ph.zero_mask[j / 64] >> (j % 64)) & 1))
-			j++;
-		s->iov[cnt].iov_base = rg->hva + (ph.first_page + i) * PAGE;
-		s->iov[cnt].iov_len = (size_t)(j - i) * PAGE;
-		bool fresh = false;
-		for (uint32_t k = i; k < j; k++) {
-			uint64_t page = ph.first_page + k;
-			uint64_t bit = 1ull << (page % 64);
-			fresh |= !(atomic_fetch_or_explicit(&rg->written[page / 64], bit,
-							    memory_order_relaxed) &
-				   bit);
-		}
-		/*
-		 * Fault a span in with one call before receiving into it when some of it was
-		 * never written: otherwise the kernel's copy faults fresh guest memory in page
-		 * by page, which dominates receiving a new guest (costly under nested
-		 * virtualisation). Pages written before are mapped already. Best effort: older
-		 * kernels lack MADV_POPULATE_WRITE and the copy then faults as before.
-		 */
-		if (fresh)
-			madvise(s->iov[cnt].iov_base, s->iov[cnt].iov_len,
-				FERRY_MADV_POPULATE_WRITE);
-		cnt++;
-		i = j;
-	}
-	if (cnt) {
-		r = dst_recv_iov(s, s->iov, cnt, reason, rlen);
-		if (r < 0)
-			return r;
-	}
+	if (rg->fd >= 0)
+		r = dst_recv_to_file(s, rg, &ph, data_len, reason, rlen);
+	else
+		r = dst_recv_to_memory(s, rg, &ph, reason, rlen);
+	if (r < 0)
+		return r;
 	uint32_t nr_data = (uint32_t)(data_len / PAGE);
 	if (nr_data < ph.npages)
 		dst_zero_pages(s, rg, &ph);
@@ -1201,11 +1278,15 @@ static void dst_free(struct xport_dst *base)
 				pthread_join(s->thread, NULL);
 			if (s->fd >= 0)
 				close(s->fd);
+			free(s->bounce);
 		}
 		free(x->streams);
 	}
-	for (unsigned i = 0; i < x->nr_regions; i++)
+	for (unsigned i = 0; i < x->nr_regions; i++) {
 		free(x->regions[i].written);
+		if (x->regions[i].fd >= 0)
+			close(x->regions[i].fd);
+	}
 	pthread_cond_destroy(&x->cond);
 	pthread_mutex_destroy(&x->lock);
 	free(x);
@@ -1232,7 +1313,8 @@ int xport_dst_tcp_new(const struct xport_region *regions, unsigned nr_regions,
 		return -EINVAL;
 	for (unsigned i = 0; i < nr_regions; i++) {
 		/* Page-aligned: guest memory is mmap'd, and mincore() needs it. */
-		if (!regions[i].hva || regions[i].size % PAGE || (uintptr_t)regions[i].hva % PAGE)
+		if (!regions[i].hva || regions[i].size % PAGE || (uintptr_t)regions[i].hva % PAGE ||
+		    (regions[i].has_fd && regions[i].fd < 0))
 			return -EINVAL;
 	}
 	x = calloc(1, sizeof(*x));
@@ -1247,9 +1329,17 @@ int xport_dst_tcp_new(const struct xport_region *regions, unsigned nr_regions,
 	pthread_cond_init(&x->cond, &ca);
 	pthread_condattr_destroy(&ca);
 
+	for (unsigned i = 0; i < nr_regions; i++)
+		x->regions[i].fd = -1;
 	x->nr_regions = nr_regions;
 	for (unsigned i = 0; i < nr_regions; i++) {
 		x->regions[i].hva = regions[i].hva;
+		/* Our own reference: the receivers may outlive the caller's use of it. */
+		if (regions[i].has_fd &&
+		    (x->regions[i].fd = fcntl(regions[i].fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+			r = -errno;
+			goto err_free;
+		}
 		x->regions[i].pages = regions[i].size / PAGE;
 		x->regions[i].written =
 			calloc((x->regions[i].pages + 63) / 64 + 1, sizeof(uint64_t));

@@ -111,6 +111,15 @@ void xport_src_free(struct xport_src *x);
 struct xport_region {
 	void *hva;
 	uint64_t size; /* bytes, multiple of 4096 */
+	/*
+	 * Optional: the file behind hva (bytes 0..size of fd, a memfd). With it the TCP
+	 * receivers write pages with pwrite() instead of copying into the mapping: fresh
+	 * pages then enter the page cache without being cleared first (a whole-page write
+	 * needs no zeroing) and without a page-table entry each, which is what receiving
+	 * into a new guest costs most (docs/benchmarks.md). Not taken over.
+	 */
+	bool has_fd;
+	int fd;
 };
 
 struct xport_dst_stats {
@@ -140,5 +149,82 @@ const char *xport_dst_error(const struct xport_dst *x);
 void xport_dst_stats(const struct xport_dst *x, struct xport_dst_stats *ret);
 /* Stops the receivers (they refuse any further write), closes the streams. NULL-safe. */
 void xport_dst_free(struct xport_dst *x);
+
+/* ---------------- RDMA backend (rdma.c, rdma_src.c, rdma_dst.c) ---------------- */
+/*
+ * The same objects over RDMA (docs/protocol.md §11): librdmacm sets up one RC queue pair
+ * per stream, the token and stream index travel in the connection's private data, and the
+ * data path is libibverbs. The destination registers its guest memory for remote write and
+ * hands out addresses and keys; the source reads dirty runs into its page readers'
+ * registered buffers and RDMA-WRITEs them straight into that memory, then closes each batch
+ * with a FENCE SEND on every queue pair (it lands after the WRITEs before it). The keys live
+ * as long as the struct xport_dst: after xport_dst_free no write from the source can land.
+ * The constructors return -errno with a reason in err; xport_src_name() is "rdma".
+ */
+
+/*
+ * Whether RDMA can be used from here: a device whose port is active, bound to local_ip
+ * (an IPv4/IPv6 literal) or, with local_ip NULL, any device with an active port. When not,
+ * why says what is missing ("no RDMA device", "10.0.0.1 is not on an RDMA device", ...).
+ * Must be called in the network namespace the transport will run in.
+ */
+bool xport_rdma_usable(const char *local_ip, char *why, size_t len);
+
+/* dst flags */
+/*
+ * Every page of the regions reads as zero now (fresh guest memory, no vCPU ran): the
+ * source may skip a zero page it never wrote. Without it, the source writes every zero
+ * page once (zeros over whatever the page held) before it may skip it.
+ */
+#define XPORT_RDMA_DST_ZEROED (1u << 0)
+
+/*
+ * Registers the regions for remote write (the pages are pinned: registering faults every
+ * page in, and needs RLIMIT_MEMLOCK or CAP_IPC_LOCK for all of guest memory), listens with
+ * rdma_cm on bind_ip (a literal address of an RDMA device) at an ephemeral port and, in a
+ * thread of its own, accepts expected_qps connections whose private data carries this
+ * token and a distinct index below expected_qps; anything else is rejected. Regions must be
+ * page aligned. xport_dst_add_stream() is -EOPNOTSUPP on it; the rest of xport_dst_* works
+ * as for TCP, and xport_dst_error() says why a queue pair died.
+ */
+int xport_dst_rdma_new(const struct xport_region *regions, unsigned nr_regions,
+		       unsigned expected_qps, unsigned flags, const char *bind_ip,
+		       const uint8_t token[XPORT_TOKEN_LEN], struct xport_dst **ret, char *err,
+		       size_t errlen);
+/* The port it listens on (host order); 0 if x is not an RDMA destination. */
+uint16_t xport_dst_rdma_port(const struct xport_dst *x);
+
+/*
+ * Connects cfg->streams queue pairs to ip:port (each waits for the destination's region
+ * table before this returns), with a page reader per queue pair whose buffer area is
+ * registered as a memory region. Connection set-up is bounded (about 10 s a step). A send
+ * that loses its peer fails within seconds (-ECONNRESET, or -ETIMEDOUT when the peer
+ * stays connected but stops answering); -EINVAL for a run outside the source's regions
+ * or the destination's region table.
+ */
+int xport_src_rdma_new(const struct xport_src_config *cfg, const char *ip, uint16_t port,
+		       const uint8_t token[XPORT_TOKEN_LEN], const int *region_fds,
+		       const uint64_t *region_sizes, unsigned nr_regions, struct xport_src **ret,
+		       char *err, size_t errlen);
+
+/*
+ * Postcopy: registers the source's guest memory (region i mapped at region_hvas[i], the
+ * region_sizes[i] bytes given to the constructor, the same memory as region_fds[i]) for
+ * remote read and sends addresses and keys to the destination on queue pair 0, so that
+ * xport_dst_rdma_fetch() pulls pages without the source's CPU. Called from the engine
+ * thread between sends; once. -EOPNOTSUPP on a non-RDMA source, -EALREADY the second time.
+ */
+int xport_src_rdma_expose(struct xport_src *x, void *const *region_hvas, char *err,
+			  size_t errlen);
+/*
+ * Postcopy, on the destination: RDMA-READs pages first_page .. first_page + npages - 1 of
+ * a region from the source's exposed memory straight into the destination's guest memory
+ * and waits for them (waiting first, within the same timeout, for the source's table if it
+ * has not arrived yet). Safe from any thread, concurrently with the receiver. -ETIMEDOUT,
+ * -EINVAL outside the regions, -ECONNRESET when the queue pair is gone, -EOPNOTSUPP on a
+ * non-RDMA destination.
+ */
+int xport_dst_rdma_fetch(struct xport_dst *x, uint32_t region, uint64_t first_page,
+			 uint32_t npages, int timeout_ms);
 
 #endif

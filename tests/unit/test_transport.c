@@ -330,9 +330,10 @@ static unsigned random_runs(struct page_run *runs, unsigned max, uint32_t max_le
  * (some to zero) and are sent again. After each fence the destination must equal the
  * source on every page sent so far, and be zero everywhere else.
  */
-static void transfer(struct big *b, unsigned streams)
+static void transfer(struct big *b, unsigned streams, bool via_fd)
 {
-	struct xport_region reg = { .hva = b->dst, .size = SRC_SIZE };
+	struct xport_region reg = { .hva = b->dst, .size = SRC_SIZE, .has_fd = via_fd,
+				    .fd = via_fd ? b->dst_fd : -1 };
 	struct xport_dst *dst = NULL;
 	uint8_t *sent = calloc(SRC_PAGES, 1);
 	struct page_run runs[64];
@@ -409,17 +410,28 @@ static void transfer(struct big *b, unsigned streams)
 
 static void transfer_1(void **state)
 {
-	transfer(*state, 1);
+	transfer(*state, 1, false);
 }
 
 static void transfer_4(void **state)
 {
-	transfer(*state, 4);
+	transfer(*state, 4, false);
 }
 
 static void transfer_8(void **state)
 {
-	transfer(*state, 8);
+	transfer(*state, 8, false);
+}
+
+/* The same with the destination writing through the region's memfd (pwrite), as ferryd. */
+static void transfer_fd_1(void **state)
+{
+	transfer(*state, 1, true);
+}
+
+static void transfer_fd_4(void **state)
+{
+	transfer(*state, 4, true);
 }
 
 /*
@@ -428,10 +440,10 @@ static void transfer_8(void **state)
  * land in the order they were sent. (A transport that let a page change streams between
  * batches would have stream 0 deliver old copies over newer ones here.)
  */
-static void resend_without_waiting(void **state)
+static void resend(struct big *b, bool via_fd)
 {
-	struct big *b = *state;
-	struct xport_region reg = { .hva = b->dst, .size = SRC_SIZE };
+	struct xport_region reg = { .hva = b->dst, .size = SRC_SIZE, .has_fd = via_fd,
+				    .fd = via_fd ? b->dst_fd : -1 };
 	struct xport_dst *dst = NULL;
 	uint64_t hot[200];
 	struct page_run runs[200];
@@ -460,6 +472,16 @@ static void resend_without_waiting(void **state)
 			fail_msg("hot page %llu holds an older copy", (unsigned long long)hot[i]);
 	xport_src_free(src);
 	xport_dst_free(dst);
+}
+
+static void resend_without_waiting(void **state)
+{
+	resend(*state, false);
+}
+
+static void resend_without_waiting_fd(void **state)
+{
+	resend(*state, true);
 }
 
 /* Zero pages on a fresh destination arrive as markers and allocate none of its memory. */
@@ -1303,7 +1325,11 @@ int main(void)
 		cmocka_unit_test_setup_teardown(transfer_1, big_setup, big_teardown),
 		cmocka_unit_test_setup_teardown(transfer_4, big_setup, big_teardown),
 		cmocka_unit_test_setup_teardown(transfer_8, big_setup, big_teardown),
+		cmocka_unit_test_setup_teardown(transfer_fd_1, big_setup, big_teardown),
+		cmocka_unit_test_setup_teardown(transfer_fd_4, big_setup, big_teardown),
 		cmocka_unit_test_setup_teardown(resend_without_waiting, big_setup, big_teardown),
+		cmocka_unit_test_setup_teardown(resend_without_waiting_fd, big_setup,
+						big_teardown),
 		cmocka_unit_test_setup_teardown(zero_pages_allocate_nothing, big_setup,
 						big_teardown),
 		cmocka_unit_test_setup_teardown(bad_runs, big_setup, big_teardown),
