@@ -94,6 +94,23 @@ void vm_fail(struct vm *vm, const char *fmt, ...)
 		vm_console_put(vm, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
 }
 
+static bool should_park(struct vm *vm)
+{
+	pthread_mutex_lock(&vm->lock);
+	bool park = vm->stopping || !vm->want_run;
+	pthread_mutex_unlock(&vm->lock);
+	return park;
+}
+
+/* The ticker's exit test: the VM is stopping (a paused VM keeps its throttle). */
+static bool should_park_all(struct vm *vm)
+{
+	pthread_mutex_lock(&vm->lock);
+	bool stop = vm->stopping;
+	pthread_mutex_unlock(&vm->lock);
+	return stop;
+}
+
 static void notify(struct vm *vm)
 {
 	pthread_mutex_lock(&vm->lock);
@@ -109,6 +126,120 @@ static void guest_sleep(uint64_t ns)
 			      .tv_nsec = (long)(ns % 1000000000ull)};
 	/* A kick interrupts the sleep (EINTR), so pausing never waits for it. */
 	nanosleep(&ts, NULL);
+}
+
+/*
+ * Called by the vCPU thread after every return from KVM_RUN (the ticker's kicks make sure
+ * that happens every few ms). A throttled vCPU keeps the account since its level was set:
+ * it owes pct % of the time elapsed since then, minus what it already slept, and sleeps off
+ * what it owes once that reaches a slice's worth (at most a few slices at a time). Keeping
+ * the account, rather than sleeping a fixed amount per kick, holds the share even when the
+ * thread gets the CPU late on a busy host. The sleep has an absolute deadline (kicks do not
+ * cut it short) but ends at once when the VM is to pause or stop.
+ */
+static void throttle_point(struct vcpu *v)
+{
+	uint32_t pct = atomic_load_explicit(&v->throttle_pct, memory_order_relaxed);
+	uint64_t now = vm_now_ns();
+
+	if (pct != v->seen_pct) {
+		v->seen_pct = pct;
+		v->account_start_ns = now;
+		v->account_held_ns = 0;
+	}
+	if (!pct)
+		return;
+	const uint64_t slice = VM_THROTTLE_SLICE_MS * 1000000ull;
+	uint64_t owed = (now - v->account_start_ns) * pct / 100u;
+	if (owed < v->account_held_ns + slice / 2)
+		return;
+	owed -= v->account_held_ns;
+	if (owed > 4 * slice)
+		owed = 4 * slice;
+	uint64_t end = now + owed;
+	while (!should_park(v->vm)) {
+		if (vm_now_ns() >= end)
+			break;
+		struct timespec ts = {.tv_sec = (time_t)(end / 1000000000ull),
+				      .tv_nsec = (long)(end % 1000000000ull)};
+		clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+	}
+	uint64_t held = vm_now_ns() - now;
+	v->account_held_ns += held;
+	atomic_fetch_add_explicit(&v->throttle_sleep_ns, held, memory_order_relaxed);
+}
+
+static void *throttle_main(void *arg)
+{
+	struct vm *vm = arg;
+
+	for (;;) {
+		pthread_mutex_lock(&vm->throttle_lock);
+		bool done = !atomic_load(&vm->nr_throttled) || should_park_all(vm);
+		if (done)
+			vm->throttle_running = false;
+		pthread_mutex_unlock(&vm->throttle_lock);
+		if (done)
+			return NULL;
+		struct timespec ts = {.tv_nsec = (long)VM_THROTTLE_SLICE_MS * 1000000l / 2};
+		nanosleep(&ts, NULL);
+		for (unsigned i = 0; i < vm->cfg.vcpus; i++) {
+			struct vcpu *v = &vm->vcpus[i];
+			/* A plain signal: KVM_RUN returns EINTR, the vCPU takes its sleep. */
+			if (atomic_load(&v->throttle_pct) && v->thread_started)
+				pthread_kill(v->thread, KICK_SIGNAL);
+		}
+	}
+}
+
+int vm_vcpu_set_throttle(struct vm *vm, unsigned idx, unsigned pct)
+{
+	if (!vm || idx >= vm->cfg.vcpus || pct > VM_THROTTLE_MAX_PCT)
+		return -EINVAL;
+	struct vcpu *v = &vm->vcpus[idx];
+	pthread_mutex_lock(&vm->throttle_lock);
+	uint32_t old = atomic_exchange(&v->throttle_pct, pct);
+	if (!old && pct)
+		atomic_fetch_add(&vm->nr_throttled, 1);
+	else if (old && !pct)
+		atomic_fetch_sub(&vm->nr_throttled, 1);
+	int r = 0;
+	if (atomic_load(&vm->nr_throttled) && !vm->throttle_running) {
+		if (vm->throttle_thread_joinable) {
+			pthread_join(vm->throttle_thread, NULL);
+			vm->throttle_thread_joinable = false;
+		}
+		r = -pthread_create(&vm->throttle_thread, NULL, throttle_main, vm);
+		if (r == 0) {
+			char name[16];
+			snprintf(name, sizeof(name), "throttle-%.6s", vm->cfg.name);
+			pthread_setname_np(vm->throttle_thread, name);
+			vm->throttle_running = true;
+			vm->throttle_thread_joinable = true;
+		}
+	}
+	pthread_mutex_unlock(&vm->throttle_lock);
+	return r;
+}
+
+void vm_clear_throttle(struct vm *vm)
+{
+	if (!vm || !vm->vcpus)
+		return;
+	for (unsigned i = 0; i < vm->cfg.vcpus; i++)
+		vm_vcpu_set_throttle(vm, i, 0);
+}
+
+/* Stops the ticker for good (vm_free). */
+void vm_throttle_stop(struct vm *vm)
+{
+	vm_clear_throttle(vm);
+	pthread_mutex_lock(&vm->throttle_lock);
+	bool join = vm->throttle_thread_joinable;
+	vm->throttle_thread_joinable = false;
+	pthread_mutex_unlock(&vm->throttle_lock);
+	if (join)
+		pthread_join(vm->throttle_thread, NULL);
 }
 
 static void console_note(struct vm *vm, const char *fmt, ...)
@@ -273,13 +404,6 @@ static void complete_pending_io(struct vcpu *v)
 	__atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
 }
 
-static bool should_park(struct vm *vm)
-{
-	pthread_mutex_lock(&vm->lock);
-	bool park = vm->stopping || !vm->want_run;
-	pthread_mutex_unlock(&vm->lock);
-	return park;
-}
 
 static void *vcpu_thread(void *arg)
 {
@@ -322,6 +446,7 @@ static void *vcpu_thread(void *arg)
 			int e = errno;
 			if (e == EINTR || e == EAGAIN) {
 				__atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+				throttle_point(v);
 				continue;
 			}
 			vm_fail(vm, "%s: KVM_RUN: %s", v->name, strerror(e));
@@ -332,6 +457,7 @@ static void *vcpu_thread(void *arg)
 		if (!handle_exit(v))
 			halted = true;
 		io_pending = reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO;
+		throttle_point(v);
 	}
 	return NULL;
 }

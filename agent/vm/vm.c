@@ -263,6 +263,7 @@ int vm_new(const struct vm_config *cfg, struct vm **ret, struct vm_error *err)
 	vm->kvm_fd = vm->vm_fd = -1;
 	pthread_mutex_init(&vm->lock, NULL);
 	pthread_mutex_init(&vm->console_lock, NULL);
+	pthread_mutex_init(&vm->throttle_lock, NULL);
 	pthread_condattr_t ca;
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -346,6 +347,7 @@ void vm_free(struct vm *vm)
 {
 	if (!vm)
 		return;
+	vm_throttle_stop(vm); /* first: the ticker signals vCPU threads */
 	vcpu_threads_stop(vm);
 	if (vm->vcpus) {
 		for (unsigned i = 0; i < vm->cfg.vcpus; i++) {
@@ -374,6 +376,7 @@ void vm_free(struct vm *vm)
 	pthread_cond_destroy(&vm->cond);
 	pthread_mutex_destroy(&vm->lock);
 	pthread_mutex_destroy(&vm->console_lock);
+	pthread_mutex_destroy(&vm->throttle_lock);
 	free(vm);
 }
 
@@ -483,6 +486,8 @@ static void stats_of(const struct vcpu *v, struct vm_vcpu_stats *s)
 	s->errors = atomic_load(&v->errors);
 	s->done_gen = atomic_load(&v->done_gen);
 	s->sleep_ns = atomic_load(&v->sleep_ns);
+	s->throttle_pct = atomic_load(&v->throttle_pct);
+	s->throttle_sleep_ns = atomic_load(&v->throttle_sleep_ns);
 }
 
 void vm_vcpu_stats(const struct vm *vm, unsigned idx, struct vm_vcpu_stats *ret)
@@ -506,6 +511,9 @@ void vm_stats_total(const struct vm *vm, struct vm_vcpu_stats *ret)
 		ret->pages += s.pages;
 		ret->errors += s.errors;
 		ret->sleep_ns += s.sleep_ns;
+		ret->throttle_sleep_ns += s.throttle_sleep_ns;
+		if (s.throttle_pct > ret->throttle_pct)
+			ret->throttle_pct = s.throttle_pct; /* the most throttled vCPU */
 		if (s.done_gen > ret->done_gen)
 			ret->done_gen = s.done_gen;
 	}

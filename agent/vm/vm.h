@@ -77,6 +77,8 @@ struct vm_vcpu_stats {
 	uint64_t errors;     /* FERRY_DBG_ERROR count */
 	uint64_t done_gen;   /* last FERRY_DBG_DONE a0 */
 	uint64_t sleep_ns;   /* total asked for with FERRY_DBG_SLEEP */
+	uint32_t throttle_pct;      /* vm_vcpu_set_throttle: share of time held back */
+	uint64_t throttle_sleep_ns; /* total time held back by the throttle */
 };
 
 /* A FERRY_DBG_ERROR record, kept for the operator (the first VM_ERRORS_KEPT). */
@@ -129,6 +131,19 @@ size_t vm_console_read(struct vm *vm, uint64_t *pos, char *buf, size_t len);
 void vm_vcpu_stats(const struct vm *vm, unsigned idx, struct vm_vcpu_stats *ret);
 /* Totals over all vCPUs. */
 void vm_stats_total(const struct vm *vm, struct vm_vcpu_stats *ret);
+/*
+ * Migration throttling (the scheduler's per-vCPU dirty limits, turned into time): vCPU idx
+ * runs only (100 - pct) % of the time from now on, in slices of VM_THROTTLE_SLICE_MS of
+ * running followed by the matching sleep (the scheme of QEMU's cpu-throttle). pct 0 lifts
+ * it; at most VM_THROTTLE_MAX_PCT. A throttled vCPU still pauses at once. -EINVAL for a bad
+ * idx or pct.
+ */
+#define VM_THROTTLE_SLICE_MS 10u
+#define VM_THROTTLE_MAX_PCT 99u
+int vm_vcpu_set_throttle(struct vm *vm, unsigned idx, unsigned pct);
+/* Lifts every vCPU's throttle (switch-over, cancel, failure). */
+void vm_clear_throttle(struct vm *vm);
+
 /* Copies up to max kept guest errors; returns how many were kept. */
 unsigned vm_guest_errors(const struct vm *vm, struct vm_guest_error *ret, unsigned max);
 

@@ -29,6 +29,13 @@ struct vcpu {
 	/* Counters read by other threads without locks. */
 	_Atomic uint64_t exits, io_exits, ring_full_exits;
 	_Atomic uint64_t ready, passes, pages, errors, done_gen, sleep_ns;
+
+	/* Throttle: set by vm_vcpu_set_throttle from any thread, read by this vCPU's thread. */
+	_Atomic uint32_t throttle_pct;
+	_Atomic uint64_t throttle_sleep_ns;
+	/* The vCPU thread's own account (throttle_point): level seen, since when, slept since. */
+	uint32_t seen_pct;
+	uint64_t account_start_ns, account_held_ns;
 };
 
 struct vm {
@@ -60,6 +67,17 @@ struct vm {
 	struct vm_guest_error errors[VM_ERRORS_KEPT];
 	unsigned nr_errors;
 
+	/*
+	 * The throttle ticker ("throttle-vmN"), running while any vCPU is throttled: it kicks
+	 * the throttled vCPUs out of KVM_RUN every slice so they can take their sleep.
+	 * throttle_lock guards the thread's existence (throttle_running, throttle_thread).
+	 */
+	pthread_mutex_t throttle_lock;
+	pthread_t throttle_thread;
+	bool throttle_running;
+	bool throttle_thread_joinable;
+	_Atomic unsigned nr_throttled;
+
 	/* console_lock guards console[] and console_total (bytes ever written). */
 	pthread_mutex_t console_lock;
 	char console[VM_CONSOLE_SIZE];
@@ -69,6 +87,7 @@ struct vm {
 /* vcpu.c */
 int vcpu_threads_start(struct vm *vm);
 void vcpu_threads_stop(struct vm *vm);
+void vm_throttle_stop(struct vm *vm);
 /* Records a fatal condition, marks the VM failed; called with vm->lock NOT held. */
 void vm_fail(struct vm *vm, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

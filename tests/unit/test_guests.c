@@ -13,6 +13,7 @@
  */
 #include "testutil.h"
 
+#include <errno.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -285,6 +286,76 @@ static void dirtier_rate(void **state)
 	vm_free(vm);
 }
 
+/* Pages/s vCPU idx wrote over `ms`. */
+static double rate_over(struct vm *vm, unsigned idx, unsigned ms)
+{
+	struct vm_vcpu_stats a, b;
+	vm_vcpu_stats(vm, idx, &a);
+	uint64_t t0 = tu_now_ns();
+	usleep(ms * 1000u);
+	vm_vcpu_stats(vm, idx, &b);
+	return (double)(b.pages - a.pages) / ((double)(tu_now_ns() - t0) / 1e9);
+}
+
+/*
+ * vm_vcpu_set_throttle: an unpaced dirtier on 2 vCPUs; vCPU 0 held back 75 % of the time
+ * writes about a quarter of what it did, vCPU 1 (not throttled) keeps its pace, the held
+ * time shows in the stats, pausing a throttled VM is prompt, and lifting restores the pace.
+ */
+static void dirtier_throttled(void **state)
+{
+	(void)state;
+	static const char *const params[] = {"wss=4M", NULL};
+	struct vm *vm = tu_vm_builtin("dirt-thr", "dirtier", 16 * MIB, 2, TRACKER_AUTO, params);
+	assert_int_equal(vm_start(vm), 0);
+	check_wait(vm, tu_wait_passes(vm, 1, 20000), "dirtier first pass");
+
+	double free0 = rate_over(vm, 0, 600), free1 = rate_over(vm, 1, 600);
+	assert_int_equal(vm_vcpu_set_throttle(vm, 0, 75), 0);
+	assert_int_equal(vm_vcpu_set_throttle(vm, 2, 10), -EINVAL);
+	assert_int_equal(vm_vcpu_set_throttle(vm, 0, 100), -EINVAL);
+	usleep(100000);
+	struct vm_vcpu_stats s0, s;
+	vm_vcpu_stats(vm, 0, &s0);
+	uint64_t w0 = tu_now_ns();
+	double thr0 = rate_over(vm, 0, 1000), thr1 = rate_over(vm, 1, 600);
+	vm_vcpu_stats(vm, 0, &s);
+	double held = (double)(s.throttle_sleep_ns - s0.throttle_sleep_ns) /
+		      (double)(tu_now_ns() - w0);
+	print_message("throttle: vcpu0 %.0f -> %.0f pages/s at 75 %%, vcpu1 %.0f -> %.0f, "
+		      "vcpu0 held %.0f %% of the time\n", free0, thr0, free1, thr1, held * 100);
+	assert_int_equal(s.throttle_pct, 75);
+	/*
+	 * The throttle holds wall time: 75 % of it, give or take the slices' rounding. What
+	 * that does to the page rate depends on how much CPU the vCPU got unthrottled (on a
+	 * busy 2-core host, not a whole core), so the rate is only required to drop clearly.
+	 */
+	if (held < 0.6 || held > 0.85)
+		fail_msg("vcpu0 at 75 %% was held %.0f %% of the time", held * 100);
+	if (thr0 > 0.75 * free0)
+		fail_msg("vcpu0 at 75 %% throttle wrote %.0f pages/s, free pace %.0f", thr0, free0);
+	assert_true(thr1 > 0.5 * free1);
+
+	uint64_t t0 = tu_now_ns();
+	assert_int_equal(vm_pause(vm), 0);
+	assert_true(tu_now_ns() - t0 < 200000000ull); /* no waiting out a sleep */
+	assert_int_equal(vm_resume(vm), 0);
+
+	vm_clear_throttle(vm);
+	usleep(100000);
+	double after0 = rate_over(vm, 0, 600);
+	vm_vcpu_stats(vm, 0, &s);
+	vm_vcpu_stats(vm, 0, &s0);
+	usleep(200000);
+	vm_vcpu_stats(vm, 0, &s);
+	assert_int_equal(s.throttle_sleep_ns, s0.throttle_sleep_ns); /* no longer held */
+	assert_int_equal(s.throttle_pct, 0);
+	if (after0 < 0.6 * free0)
+		fail_msg("vcpu0 after the throttle was lifted: %.0f pages/s, free pace %.0f",
+			 after0, free0);
+	vm_free(vm);
+}
+
 /* Runs the dirtier with params until every vCPU made `passes` passes, then pauses and
  * returns how many pages of vCPU 0's region (at the 4 MiB free start) are not all zero. */
 static uint64_t dirtier_touched(struct vm *vm, uint64_t passes, uint64_t pages)
@@ -546,6 +617,7 @@ int main(void)
 		cmocka_unit_test(memcheck_caps_reports),
 		cmocka_unit_test(dirtier_rate),
 		cmocka_unit_test(dirtier_random),
+		cmocka_unit_test(dirtier_throttled),
 		cmocka_unit_test(dirtier_hotcold),
 		cmocka_unit_test(dirtier_stops_after_passes),
 		cmocka_unit_test(touch_generations),
