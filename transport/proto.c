@@ -714,6 +714,37 @@ int proto_decode_committed(const void *p, size_t len, struct proto_committed *m,
 
 /* ---------------- DECISION_REQ / DECISION ---------------- */
 
+int proto_encode_vm_accept(const struct proto_vm_accept *m, void **ret, size_t *ret_len)
+{
+	struct wire_writer w;
+
+	wire_writer_init(&w);
+	if (m->rdma_port)
+		wire_put_u16(&w, m->rdma_port);
+	return wire_writer_take(&w, ret, ret_len);
+}
+
+int proto_decode_vm_accept(const void *p, size_t len, struct proto_vm_accept *m, char *err,
+			   size_t errlen)
+{
+	struct wire_reader r;
+	struct proto_vm_accept h = {0};
+
+	if (len == 0) {
+		*m = h;
+		return 0;
+	}
+	wire_reader_init(&r, p, len);
+	h.rdma_port = wire_get_u16(&r);
+	int rc = finish(&r, "vm_accept", err, errlen);
+	if (rc)
+		return rc;
+	if (!h.rdma_port)
+		return fail(err, errlen, "vm_accept: RDMA port 0");
+	*m = h;
+	return 0;
+}
+
 int proto_encode_decision_req(const struct proto_decision_req *m, void **ret, size_t *ret_len)
 {
 	struct wire_writer w;

@@ -225,6 +225,17 @@ int proto_decode_commit_req(const void *p, size_t len, struct proto_commit_req *
 int proto_encode_committed(const struct proto_committed *m, void **ret, size_t *ret_len);
 int proto_decode_committed(const void *p, size_t len, struct proto_committed *m, char *err,
 			   size_t errlen);
+/*
+ * VM_ACCEPT: empty for the TCP data path; with RDMA chosen in WELCOME, the port (u16) of
+ * the destination's RDMA listener on the address the control connection reached.
+ */
+struct proto_vm_accept {
+	uint16_t rdma_port; /* 0: TCP */
+};
+int proto_encode_vm_accept(const struct proto_vm_accept *m, void **ret, size_t *ret_len);
+int proto_decode_vm_accept(const void *p, size_t len, struct proto_vm_accept *m, char *err,
+			   size_t errlen);
+
 int proto_encode_decision_req(const struct proto_decision_req *m, void **ret, size_t *ret_len);
 int proto_decode_decision_req(const void *p, size_t len, struct proto_decision_req *m,
 			      char *err, size_t errlen);

@@ -483,12 +483,37 @@ static void ctl_free(struct xctl *base)
 	free(c);
 }
 
+static int ip_of(const struct sockaddr_storage *ss, char *buf, size_t len)
+{
+	const void *a = ss->ss_family == AF_INET
+				? (const void *)&((const struct sockaddr_in *)ss)->sin_addr
+			: ss->ss_family == AF_INET6
+				? (const void *)&((const struct sockaddr_in6 *)ss)->sin6_addr
+				: NULL;
+	if (!a || !inet_ntop(ss->ss_family, a, buf, (socklen_t)len))
+		return -EAFNOSUPPORT;
+	return 0;
+}
+
+static int ctl_addrs(const struct xctl *base, char *local_ip, char *peer_ip, size_t len)
+{
+	const struct tcp_ctl *c = to_tcp_const(base);
+	struct sockaddr_storage l, p;
+	socklen_t ll = sizeof(l), pl = sizeof(p);
+	if (getsockname(c->fd, (struct sockaddr *)&l, &ll) < 0 ||
+	    getpeername(c->fd, (struct sockaddr *)&p, &pl) < 0)
+		return -errno;
+	int r = ip_of(&l, local_ip, len);
+	return r < 0 ? r : ip_of(&p, peer_ip, len);
+}
+
 static const struct xctl_ops tcp_ctl_ops = {
 	.name = "tcp",
 	.send = ctl_send,
 	.recv = ctl_recv,
 	.interrupt = ctl_interrupt,
 	.peer = ctl_peer,
+	.addrs = ctl_addrs,
 	.free = ctl_free,
 };
 

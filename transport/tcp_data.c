@@ -6,7 +6,9 @@
  * into registered buffers and sends each chunk as one PAGES frame straight from the buffer
  * (zero pages only as bits of the frame's mask), then a FENCE. The destination runs one
  * thread per stream ("recv-sN") that checks every frame against the registered regions and
- * receives page bytes directly into guest memory.
+ * receives page bytes directly into guest memory — or, in postcopy (xport_dst_set_uffd), places
+ * them with UFFDIO_COPY/UFFDIO_ZEROPAGE, which install a page only where none is and wake
+ * the vCPUs waiting for it.
  *
  * Which stream carries a page is a function of the page's address, not of the batch: a page
  * sent in round k and again in round k+1 travels both times on the same stream, so TCP's
@@ -18,6 +20,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -29,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 
 #define FERRY_MADV_POPULATE_WRITE 23 /* MADV_POPULATE_WRITE, Linux 5.14 */
@@ -739,6 +743,12 @@ struct dst_region {
 	 * pages of several stripes), hence atomic. See dst_zero_pages() for why it exists.
 	 */
 	_Atomic uint64_t *written;
+	/*
+	 * Postcopy: -1, or our duplicate of the userfaultfd that pages are placed through from
+	 * now on (xport_dst_set_uffd). Set once, from -1, by the control thread; read by the
+	 * receivers at each frame; closed by free only.
+	 */
+	_Atomic int uffd;
 };
 
 struct tcp_dst {
@@ -922,20 +932,11 @@ static int dst_recv_to_memory(struct dst_stream *s, struct dst_region *rg,
 	return cnt ? dst_recv_iov(s, s->iov, cnt, reason, rlen) : 0;
 }
 
-/*
- * The frame's page data into the bounce buffer, then each span into the region's file at
- * its offset. The span is marked written before its pwrite, like the memory path.
- */
-static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
-			    const struct proto_pages *ph, uint64_t data_len, char *reason,
-			    size_t rlen)
+/* The frame's page data (data_len > 0 bytes) into the stream's bounce buffer. */
+static int dst_recv_bounce(struct dst_stream *s, uint64_t data_len, char *reason, size_t rlen)
 {
 	struct iovec iov;
-	size_t at = 0;
-	int r;
 
-	if (!data_len)
-		return 0;
 	if (!s->bounce) {
 		s->bounce = aligned_alloc(PAGE, (size_t)PROTO_PAGES_MAX * PAGE);
 		if (!s->bounce) {
@@ -945,7 +946,123 @@ static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
 	}
 	iov.iov_base = s->bounce;
 	iov.iov_len = data_len;
-	r = dst_recv_iov(s, &iov, 1, reason, rlen);
+	return dst_recv_iov(s, &iov, 1, reason, rlen);
+}
+
+/* A run of consecutive pages of a frame that are all data or all zero, from i on. */
+static uint32_t span_end(const struct proto_pages *ph, uint32_t i, bool *ret_zero)
+{
+	bool zero = (ph->zero_mask[i / 64] >> (i % 64)) & 1;
+	uint32_t j = i + 1;
+
+	while (j < ph->npages && (bool)((ph->zero_mask[j / 64] >> (j % 64)) & 1) == zero)
+		j++;
+	*ret_zero = zero;
+	return j;
+}
+
+/*
+ * Places len bytes of pages at dst through userfaultfd uffd: copies of src, or zero pages
+ * when src is NULL. The kernel installs a page only where the file has none and wakes every
+ * thread waiting for it. A page that is already there (EEXIST) is left alone: in postcopy
+ * it was placed by another path (a fault the destination served, an earlier copy) and may
+ * have been written by the guest since, so it is newer than anything the source sends.
+ */
+static int uffd_place(int uffd, uint8_t *dst, const uint8_t *src, uint64_t len)
+{
+	uint64_t done = 0;
+	unsigned spins = 0;
+
+	while (done < len) {
+		int64_t res;
+		int r;
+
+		if (src) {
+			struct uffdio_copy c = { .dst = (uintptr_t)(dst + done),
+						 .src = (uintptr_t)(src + done),
+						 .len = len - done };
+			r = ioctl(uffd, UFFDIO_COPY, &c);
+			res = c.copy;
+		} else {
+			struct uffdio_zeropage z = { .range = { .start = (uintptr_t)(dst + done),
+								.len = len - done } };
+			r = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+			res = z.zeropage;
+		}
+		if (r == 0)
+			return 0;
+		int e = errno;
+		if (res > 0) { /* part of it placed; the rest is retried (it may be EEXIST) */
+			done += (uint64_t)res;
+			spins = 0;
+			continue;
+		}
+		if (e == EEXIST) { /* the first page of the rest is there already */
+			done += PAGE;
+			spins = 0;
+			continue;
+		}
+		/* EAGAIN without progress: the address space is changing under us; bounded. */
+		if ((e == EAGAIN || e == EINTR) && ++spins < 1000)
+			continue;
+		return -e;
+	}
+	return 0;
+}
+
+/*
+ * Postcopy: the frame's page data into the bounce buffer, then every span placed through
+ * the region's userfaultfd — data spans copied, zero spans as zero pages — so a vCPU
+ * blocked on one of them runs on, and a page the destination already has is not touched.
+ */
+static int dst_recv_to_uffd(struct dst_stream *s, struct dst_region *rg, int uffd,
+			    const struct proto_pages *ph, uint64_t data_len, char *reason,
+			    size_t rlen)
+{
+	size_t at = 0;
+	int r;
+
+	if (data_len) {
+		r = dst_recv_bounce(s, data_len, reason, rlen);
+		if (r < 0)
+			return r;
+	}
+	for (uint32_t i = 0; i < ph->npages;) {
+		bool zero;
+		uint32_t j = span_end(ph, i, &zero);
+		size_t len = (size_t)(j - i) * PAGE;
+
+		r = uffd_place(uffd, rg->hva + (ph->first_page + i) * PAGE,
+			       zero ? NULL : s->bounce + at, len);
+		if (r < 0) {
+			snprintf(reason, rlen, "stream %u: placing pages %llu..%llu: %s", s->idx,
+				 (unsigned long long)(ph->first_page + i),
+				 (unsigned long long)(ph->first_page + j - 1), strerror(-r));
+			return r;
+		}
+		if (!zero) {
+			mark_written(rg, ph->first_page + i, j - i);
+			at += len;
+		}
+		i = j;
+	}
+	return 0;
+}
+
+/*
+ * The frame's page data into the bounce buffer, then each span into the region's file at
+ * its offset. The span is marked written before its pwrite, like the memory path.
+ */
+static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
+			    const struct proto_pages *ph, uint64_t data_len, char *reason,
+			    size_t rlen)
+{
+	size_t at = 0;
+	int r;
+
+	if (!data_len)
+		return 0;
+	r = dst_recv_bounce(s, data_len, reason, rlen);
 	if (r < 0)
 		return r;
 	for (uint32_t i = 0; i < ph->npages;) {
@@ -1025,14 +1142,17 @@ static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t
 		return -EPROTO;
 	}
 
-	if (rg->fd >= 0)
+	int uffd = atomic_load_explicit(&rg->uffd, memory_order_acquire);
+	if (uffd >= 0)
+		r = dst_recv_to_uffd(s, rg, uffd, &ph, data_len, reason, rlen);
+	else if (rg->fd >= 0)
 		r = dst_recv_to_file(s, rg, &ph, data_len, reason, rlen);
 	else
 		r = dst_recv_to_memory(s, rg, &ph, reason, rlen);
 	if (r < 0)
 		return r;
 	uint32_t nr_data = (uint32_t)(data_len / PAGE);
-	if (nr_data < ph.npages)
+	if (nr_data < ph.npages && uffd < 0)
 		dst_zero_pages(s, rg, &ph);
 	atomic_fetch_add_explicit(&x->bytes, PROTO_HDR_LEN + (uint64_t)len, memory_order_relaxed);
 	atomic_fetch_add_explicit(&x->pages, nr_data, memory_order_relaxed);
@@ -1286,6 +1406,8 @@ static void dst_free(struct xport_dst *base)
 		free(x->regions[i].written);
 		if (x->regions[i].fd >= 0)
 			close(x->regions[i].fd);
+		if (atomic_load(&x->regions[i].uffd) >= 0)
+			close(atomic_load(&x->regions[i].uffd));
 	}
 	pthread_cond_destroy(&x->cond);
 	pthread_mutex_destroy(&x->lock);
@@ -1329,8 +1451,10 @@ int xport_dst_tcp_new(const struct xport_region *regions, unsigned nr_regions,
 	pthread_cond_init(&x->cond, &ca);
 	pthread_condattr_destroy(&ca);
 
-	for (unsigned i = 0; i < nr_regions; i++)
+	for (unsigned i = 0; i < nr_regions; i++) {
 		x->regions[i].fd = -1;
+		atomic_init(&x->regions[i].uffd, -1);
+	}
 	x->nr_regions = nr_regions;
 	for (unsigned i = 0; i < nr_regions; i++) {
 		x->regions[i].hva = regions[i].hva;
@@ -1366,4 +1490,32 @@ int xport_dst_tcp_new(const struct xport_region *regions, unsigned nr_regions,
 err_free:
 	dst_free(&x->base);
 	return r;
+}
+
+/*
+ * Defined here rather than dispatched through xport_dst_ops: only the TCP receivers place
+ * pages with the CPU, so only they can place them through a userfaultfd.
+ */
+int xport_dst_set_uffd(struct xport_dst *base, unsigned region, int uffd)
+{
+	struct tcp_dst *x;
+	int fd, expected = -1;
+
+	if (!base || uffd < 0)
+		return -EINVAL;
+	if (base->ops != &tcp_dst_ops)
+		return -EOPNOTSUPP;
+	x = to_dst(base);
+	if (region >= x->nr_regions)
+		return -EINVAL;
+	/* Our own reference, like the region's fd: the caller may close its uffd first. */
+	fd = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (!atomic_compare_exchange_strong_explicit(&x->regions[region].uffd, &expected, fd,
+						     memory_order_release, memory_order_relaxed)) {
+		close(fd);
+		return -EALREADY;
+	}
+	return 0;
 }

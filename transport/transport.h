@@ -65,6 +65,11 @@ int xctl_recv(struct xctl *c, uint16_t *ret_type, void **ret_payload, size_t *re
 void xctl_interrupt(struct xctl *c);
 /* "ip:port" of the peer, for logs. */
 const char *xctl_peer(const struct xctl *c);
+/*
+ * The two ends' IP addresses as literals without port or brackets (len bytes each): where
+ * an RDMA data path between the same two hosts is set up. -errno when unknown.
+ */
+int xctl_addrs(const struct xctl *c, char *local_ip, char *peer_ip, size_t len);
 
 /* ---------------- source data path ---------------- */
 
@@ -149,6 +154,20 @@ const char *xport_dst_error(const struct xport_dst *x);
 void xport_dst_stats(const struct xport_dst *x, struct xport_dst_stats *ret);
 /* Stops the receivers (they refuse any further write), closes the streams. NULL-safe. */
 void xport_dst_free(struct xport_dst *x);
+/*
+ * Postcopy: from now on the receivers place the pages of `region` through userfaultfd
+ * `uffd` (duplicated; closed by xport_dst_free) with UFFDIO_COPY / UFFDIO_ZEROPAGE on its
+ * hva, instead of writing them: a page is installed only where the guest memory has none,
+ * and whoever waits for it in a MISSING fault (a vCPU) is woken. A page already there is left
+ * as it is and counts as delivered — the destination's guest may have written it since, so
+ * a copy from the source can only be older. The region's hva range must be registered with
+ * uffd in MISSING mode (agent/postcopy.h) and stay so while pages may arrive. Call it once
+ * per region, between batches (after xport_dst_wait_fence of the source's last precopy
+ * fence and before the source sends postcopy pages): a frame is placed by whichever mode
+ * its receiver saw when the frame began. -EALREADY the second time, -EINVAL for a bad
+ * region or fd, -EOPNOTSUPP on an RDMA destination (its NIC writes, no CPU to place pages).
+ */
+int xport_dst_set_uffd(struct xport_dst *x, unsigned region, int uffd);
 
 /* ---------------- RDMA backend (rdma.c, rdma_src.c, rdma_dst.c) ---------------- */
 /*

@@ -5,6 +5,8 @@
  * struct xctl and never knows whether TCP or RDMA is underneath. The constructors live with
  * their backends (tcp_ctl.c, tcp_data.c); the NULL-safe frees are here.
  */
+#include <errno.h>
+
 #include "transport/xport_internal.h"
 
 int xctl_send(struct xctl *c, uint16_t type, const void *payload, size_t len)
@@ -26,6 +28,11 @@ void xctl_interrupt(struct xctl *c)
 const char *xctl_peer(const struct xctl *c)
 {
 	return c->ops->peer(c);
+}
+
+int xctl_addrs(const struct xctl *c, char *local_ip, char *peer_ip, size_t len)
+{
+	return c->ops->addrs ? c->ops->addrs(c, local_ip, peer_ip, len) : -EOPNOTSUPP;
 }
 
 void xctl_free(struct xctl *c)

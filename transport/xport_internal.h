@@ -13,6 +13,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 
 #include "transport/transport.h"
@@ -28,6 +29,7 @@ struct xctl_ops {
 		    int timeout_ms, char *err, size_t errlen);
 	void (*interrupt)(struct xctl *c);
 	const char *(*peer)(const struct xctl *c);
+	int (*addrs)(const struct xctl *c, char *local_ip, char *peer_ip, size_t len);
 	void (*free)(struct xctl *c);
 };
 
@@ -90,5 +92,114 @@ void xport_set_err(char *err, size_t errlen, const char *fmt, ...)
 size_t iov_advance(struct iovec **iov, size_t iovcnt, size_t done);
 /* Milliseconds on CLOCK_MONOTONIC. */
 int64_t tcp_now_ms(void);
+
+/* ---- RDMA helpers (rdma.c), shared by rdma_src.c and rdma_dst.c ---- */
+
+/*
+ * The RDMA wire format (docs/protocol.md §11). Connection private data: the source's REQ
+ * (32 bytes: REQ private data is limited to 56), the destination's REP (16 bytes) and a
+ * REJ with a reason code. After that each queue pair carries small SEND messages — an
+ * 8-byte header (type u16, credits u16, payload length u32, little endian) and a payload
+ * of at most RDMA_MSG_MAX - 8 bytes — beside the RDMA WRITEs (and, in postcopy, READs).
+ * Every message returns `credits` receive buffers its sender re-posted since its last
+ * message; a side sends only while it holds a credit.
+ */
+#define RDMA_WIRE_MAGIC 0x52595246u /* "FRYR" */
+#define RDMA_WIRE_VERSION 1u
+#define RDMA_REQ_LEN 32u
+#define RDMA_REP_LEN 16u
+#define RDMA_REJ_LEN 8u
+#define RDMA_MSG_HDR_LEN 8u
+#define RDMA_MSG_MAX 2048u
+#define RDMA_RECV_DEPTH 16u /* receive buffers each side posts per queue pair */
+#define RDMA_REGION_WIRE_LEN 20u
+
+enum rdma_msg_type {
+	RDMA_MSG_REGIONS = 1,     /* dst -> src: flags u32, count u32, count x region */
+	RDMA_MSG_FENCE = 2,       /* src -> dst: fence, pages, zero pages, bytes (u64 each) */
+	RDMA_MSG_FENCE_ACK = 3,   /* dst -> src: fence u64 */
+	RDMA_MSG_SRC_REGIONS = 4, /* src -> dst (postcopy): as REGIONS, for remote READ */
+};
+
+enum rdma_rej_code {
+	RDMA_REJ_PROTOCOL = 1, /* bad magic, version or length */
+	RDMA_REJ_TOKEN = 2,    /* unknown token */
+	RDMA_REJ_INDEX = 3,    /* queue pair index out of range or already connected */
+	RDMA_REJ_INTERNAL = 4, /* the destination failed to set the queue pair up */
+};
+
+/* REGIONS flags */
+#define RDMA_REGIONS_ZEROED (1u << 0) /* XPORT_RDMA_DST_ZEROED */
+
+struct rdma_req {
+	uint16_t version;
+	uint16_t qp;
+	uint16_t nr_qps;
+	uint16_t recv_depth;
+	uint32_t caps;
+	uint8_t token[XPORT_TOKEN_LEN];
+};
+
+struct rdma_rep {
+	uint16_t version;
+	uint16_t recv_depth;
+	uint32_t flags;
+	uint32_t nr_regions;
+};
+
+/* A memory region of the peer: where to WRITE (or READ) and with which key. */
+struct rdma_remote_region {
+	uint64_t addr;
+	uint64_t len;
+	uint32_t rkey;
+};
+
+struct rdma_fence_msg {
+	uint64_t fence;
+	uint64_t pages;
+	uint64_t zero_pages;
+	uint64_t bytes;
+};
+
+void rdma_encode_req(const struct rdma_req *m, uint8_t out[RDMA_REQ_LEN]);
+/* -EBADMSG for a wrong magic, version or a short buffer (a longer one is fine: the CM
+ * pads private data). */
+int rdma_decode_req(const void *p, size_t len, struct rdma_req *m);
+void rdma_encode_rep(const struct rdma_rep *m, uint8_t out[RDMA_REP_LEN]);
+int rdma_decode_rep(const void *p, size_t len, struct rdma_rep *m);
+void rdma_encode_rej(uint32_t code, uint8_t out[RDMA_REJ_LEN]);
+/* The code of a REJ of ours, or 0 when p is not one. */
+uint32_t rdma_decode_rej(const void *p, size_t len);
+const char *rdma_rej_name(uint32_t code);
+
+/* Message header + payload into buf (RDMA_MSG_MAX bytes); returns the total length. */
+size_t rdma_msg_regions(uint8_t *buf, uint16_t type, uint16_t credits, uint32_t flags,
+			const struct rdma_remote_region *r, unsigned n);
+size_t rdma_msg_fence(uint8_t *buf, uint16_t credits, const struct rdma_fence_msg *f);
+size_t rdma_msg_fence_ack(uint8_t *buf, uint16_t credits, uint64_t fence);
+/*
+ * Splits a received message: -EBADMSG when shorter than its header says or longer than
+ * RDMA_MSG_MAX. *ret_payload points into buf.
+ */
+int rdma_msg_parse(const uint8_t *buf, size_t len, uint16_t *ret_type, uint16_t *ret_credits,
+		   const uint8_t **ret_payload, uint32_t *ret_plen);
+int rdma_decode_regions(const uint8_t *p, uint32_t len, uint32_t *ret_flags,
+			struct rdma_remote_region *r, unsigned *ret_n);
+int rdma_decode_fence(const uint8_t *p, uint32_t len, struct rdma_fence_msg *f);
+int rdma_decode_fence_ack(const uint8_t *p, uint32_t len, uint64_t *ret_fence);
+
+/* Parses an IPv4/IPv6 literal (brackets allowed) into a sockaddr with that port. */
+int rdma_parse_addr(const char *ip, uint16_t port, struct sockaddr_storage *ret);
+
+struct rdma_event_channel;
+struct rdma_cm_event;
+/*
+ * Waits up to timeout_ms (< 0: forever) for the next event on a non-blocking channel, or
+ * for stop_fd (may be -1) to become readable (-ECANCELED). -ETIMEDOUT. The caller acks it.
+ */
+int rdma_next_event(struct rdma_event_channel *ch, int stop_fd, int timeout_ms,
+		    struct rdma_cm_event **ret);
+/* Makes a channel's fd non-blocking and close-on-exec. */
+int rdma_channel_nonblock(struct rdma_event_channel *ch);
 
 #endif

@@ -8,6 +8,7 @@ FERRY_BUILD_PACKAGES=(
   libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
   liburing-dev libyaml-dev libssl-dev libmicrohttpd-dev libjansson-dev libcurl4-openssl-dev curl jq openssl
   libcmocka-dev libzstd-dev libsystemd-dev
+  qemu-system-x86 kmod cpio iproute2
 )
 
 ferry_need_root() {
