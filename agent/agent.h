@@ -128,7 +128,16 @@ struct migration_request {
 	uint32_t streams;              /* 0 = config default */
 	int verify;                    /* -1 = config default, 0/1 */
 	enum migration_transport transport;
+	/* Policy overrides (docs/scheduler.md); -1 = the agent's policy.* setting. */
+	int allow_postcopy;                 /* 0/1 */
+	int timeout_action;                 /* enum ferry_config_timeout_action */
+	int64_t completion_timeout_per_gib; /* s; 0 = none */
+	int64_t progress_timeout;           /* s; 0 = none */
+	int priority; /* -100..100: admission order and bandwidth share weight; 0 default */
 };
+
+/* A request with every override at "agent default". */
+void migration_request_init(struct migration_request *req);
 
 /* Named states of both sides (DESIGN.md: every state is a named enum value). */
 enum migration_state {
@@ -172,6 +181,15 @@ struct migration_info {
 	uint64_t setup_time_ms;
 	uint64_t downtime_ms;
 	char error[256];
+	/* The scheduler's last decision (see agent_migration_history for all of them). */
+	char decision[16];         /* "continue", "throttle", "switchover", ... or "" */
+	char decision_reason[192]; /* its sentence, with the figures */
+	uint32_t throttle_level;   /* 0 = off */
+	unsigned nr_vcpus;         /* entries in vcpu_throttle_pct */
+	uint8_t vcpu_throttle_pct[64]; /* per vCPU: share of time held back (first 64) */
+	int queue_position;        /* MIG_QUEUED: 1 = next; 0 otherwise */
+	double bandwidth_cap_bps;  /* current cap (request, or link share); 0 = none */
+	int priority;
 };
 
 /* Starts an outgoing migration and returns at once with its id (202). */
@@ -185,6 +203,31 @@ int agent_migration_list(struct agent *a, struct migration_info **ret, unsigned 
 int agent_migration_cancel(struct agent *a, uint64_t id, struct agent_error *err);
 /* Switch over at the next round boundary regardless of the convergence rule. */
 int agent_migration_switchover(struct agent *a, uint64_t id, struct agent_error *err);
+/*
+ * The scheduler's decisions for migration id, one JSON object per round (and per timeout
+ * tick that acted), oldest first, as a JSON array in a malloc'd string (caller frees).
+ */
+int agent_migration_history(struct agent *a, uint64_t id, char **ret_json,
+			    struct agent_error *err);
+
+/* One VM of an evacuation: the migration started for it, or why none was. */
+struct evacuation_item {
+	char vm[VM_NAME_MAX];
+	char dest[AGENT_HOSTPORT_MAX];
+	uint64_t migration_id; /* 0 when not started */
+	char error[256];
+};
+/*
+ * Moves every VM of this agent that is not already migrating (or, with nr_only > 0, those
+ * of only[] among them; a name not here is an error) to the destinations in
+ * dests[0..nr_dests), spread round-robin (largest VM first); the migrations queue under
+ * limits.max_outgoing like any other. tmpl gives their settings (its vm and dest are
+ * ignored). Returns a malloc'd array of one item per VM (caller frees).
+ */
+int agent_evacuate(struct agent *a, const char (*dests)[AGENT_HOSTPORT_MAX], unsigned nr_dests,
+		   const char (*only)[VM_NAME_MAX], unsigned nr_only,
+		   const struct migration_request *tmpl, struct evacuation_item **ret,
+		   unsigned *ret_n, struct agent_error *err);
 
 /* ---------------- events ---------------- */
 

@@ -61,6 +61,9 @@ struct agent {
 	uint64_t ev_seq; /* seq of the newest event; event s lives at events[s % RING] */
 	bool ev_closed;
 
+	/* Host admission of outgoing migrations (scheduler), under lock. */
+	struct sched_admission *admission;
+
 	/* Destination decisions of recent incoming migrations (migration.c), under lock. */
 	struct decision_rec *decisions;
 	unsigned decisions_next;

@@ -481,6 +481,8 @@ static json_t *vm_json(const struct agent_vm_info *v)
 		put(stats, "guest_errors", uint_json(v->stats.errors));
 		put(stats, "exits", uint_json(v->stats.exits));
 		put(stats, "ring_full_exits", uint_json(v->stats.ring_full_exits));
+		put(stats, "throttle_pct", uint_json(v->stats.throttle_pct));
+		put(stats, "throttle_held_ms", uint_json(v->stats.throttle_sleep_ns / 1000000ull));
 	}
 	put(o, "stats", stats);
 	json_t *errs = json_array();
@@ -546,6 +548,24 @@ static json_t *migration_json(const struct migration_info *m)
 	    done || m->setup_time_ms ? uint_json(m->setup_time_ms) : json_null());
 	put(o, "downtime_ms", done ? uint_json(m->downtime_ms) : json_null());
 	put(o, "error", text_or_null(m->error));
+	put(o, "decision", text_or_null(m->decision));
+	put(o, "decision_reason", text_or_null(m->decision_reason));
+	json_t *th = json_object(), *pcts = json_array();
+	for (unsigned i = 0; pcts && i < m->nr_vcpus; i++)
+		json_array_append_new(pcts, json_integer(m->vcpu_throttle_pct[i]));
+	if (th) {
+		put(th, "level", uint_json(m->throttle_level));
+		put(th, "vcpu_pct", pcts ? pcts : json_array());
+		put(o, "throttle", th);
+	} else {
+		json_decref(pcts);
+	}
+	put(o, "queue_position", m->state == MIG_QUEUED && m->queue_position > 0
+					  ? json_integer(m->queue_position)
+					  : json_null());
+	put(o, "bandwidth_cap_bps",
+	    m->bandwidth_cap_bps > 0 ? rate_json(m->bandwidth_cap_bps) : json_null());
+	put(o, "priority", json_integer(m->priority));
 	return o;
 }
 
@@ -842,7 +862,48 @@ static enum MHD_Result list_migrations(struct api *api, struct MHD_Connection *c
 }
 
 static const char *const migration_create_fields[] = {
-    "vm", "to", "downtime_ms", "bandwidth", "streams", "verify", "transport", NULL};
+    "vm", "to", "downtime_ms", "bandwidth", "streams", "verify", "transport",
+    "allow_postcopy", "timeout_action", "completion_timeout_per_gib", "progress_timeout",
+    "priority", NULL};
+
+/* The per-migration policy overrides (docs/scheduler.md); absent fields keep -1. */
+static int parse_policy_fields(json_t *o, struct migration_request *req, char *msg, size_t mlen)
+{
+	bool b = false;
+	uint64_t v;
+	char act[16];
+	int r = field_bool(o, "allow_postcopy", &b, msg, mlen);
+	if (r < 0)
+		return -1;
+	if (r)
+		req->allow_postcopy = b;
+	r = field_string(o, "timeout_action", act, sizeof(act), msg, mlen);
+	if (r < 0)
+		return -1;
+	if (r) {
+		enum ferry_config_timeout_action a;
+		if (ferry_config_timeout_action_parse(act, &a) < 0)
+			return bad(msg, mlen,
+				   "field 'timeout_action' must be one of abort, switchover, postcopy");
+		req->timeout_action = (int)a;
+	}
+	r = field_uint(o, "completion_timeout_per_gib", 0, 86400, &v, msg, mlen);
+	if (r < 0)
+		return -1;
+	if (r)
+		req->completion_timeout_per_gib = (int64_t)v;
+	r = field_uint(o, "progress_timeout", 0, 86400, &v, msg, mlen);
+	if (r < 0)
+		return -1;
+	if (r)
+		req->progress_timeout = (int64_t)v;
+	r = field_uint(o, "priority", 0, 100, &v, msg, mlen);
+	if (r < 0)
+		return -1;
+	if (r)
+		req->priority = (int)v;
+	return 0;
+}
 
 static int parse_migration_request(json_t *o, struct migration_request *req, char *msg, size_t mlen)
 {
@@ -852,8 +913,7 @@ static int parse_migration_request(json_t *o, struct migration_request *req, cha
 	uint64_t v;
 	bool verify = false;
 	int r;
-	memset(req, 0, sizeof(*req));
-	req->verify = -1;
+	migration_request_init(req);
 	if (field_required(field_string(o, "vm", req->vm, sizeof(req->vm), msg, mlen), "vm", msg,
 			   mlen) < 0 ||
 	    field_required(field_string(o, "to", req->dest, sizeof(req->dest), msg, mlen), "to",
@@ -892,7 +952,7 @@ static int parse_migration_request(json_t *o, struct migration_request *req, cha
 		req->transport = MIG_TRANSPORT_RDMA;
 	else if (r && strcmp(transport, "auto") != 0)
 		return bad(msg, mlen, "field 'transport' must be one of auto, tcp, rdma");
-	return 0;
+	return parse_policy_fields(o, req, msg, mlen);
 }
 
 static enum MHD_Result create_migration(struct api *api, struct MHD_Connection *c,
@@ -928,6 +988,141 @@ static enum MHD_Result migration_action(struct api *api, struct MHD_Connection *
 	if (r < 0)
 		return respond_agent_error(c, &err);
 	return respond_migration(api, c, id, MHD_HTTP_ACCEPTED, false);
+}
+
+static enum MHD_Result get_history(struct api *api, struct MHD_Connection *c, uint64_t id)
+{
+	struct agent_error err = {0};
+	char *js = NULL;
+	if (agent_migration_history(api->agent, id, &js, &err) < 0)
+		return respond_agent_error(c, &err);
+	json_error_t je;
+	json_t *arr = json_loads(js, 0, &je);
+	free(js);
+	if (!arr)
+		return respond_error(c, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal",
+				     "history is not JSON: %s", je.text);
+	json_t *o = json_object();
+	if (!o) {
+		json_decref(arr);
+		return MHD_NO;
+	}
+	put(o, "migration", uint_json(id));
+	put(o, "history", arr);
+	return respond_json(c, MHD_HTTP_OK, o);
+}
+
+/* ---------------- /v1/evacuate ---------------- */
+
+static const char *const evacuate_fields[] = {
+    "to", "vms", "downtime_ms", "bandwidth", "streams", "verify", "transport", "allow_postcopy",
+    "timeout_action", "completion_timeout_per_gib", "progress_timeout", "priority", NULL};
+
+#define EVACUATE_DESTS_MAX 16u
+
+static enum MHD_Result evacuate(struct api *api, struct MHD_Connection *c,
+				const struct request *rq)
+{
+	char msg[512];
+	char dests[EVACUATE_DESTS_MAX][AGENT_HOSTPORT_MAX];
+	unsigned nd = 0;
+	struct migration_request req;
+	json_t *o = body_object(rq, evacuate_fields, true, msg, sizeof(msg));
+	if (!o)
+		return respond_error(c, MHD_HTTP_BAD_REQUEST, "invalid_argument", "%s", msg);
+	json_t *to = json_object_get(o, "to");
+	if (!to || !json_is_array(to) || json_array_size(to) == 0 ||
+	    json_array_size(to) > EVACUATE_DESTS_MAX) {
+		json_decref(o);
+		return respond_error(c, MHD_HTTP_BAD_REQUEST, "invalid_argument",
+				     "field 'to' must be a list of 1 to %u destination agents "
+				     "(HOST:PORT)",
+				     EVACUATE_DESTS_MAX);
+	}
+	size_t i;
+	json_t *d;
+	json_array_foreach(to, i, d)
+	{
+		char host[FERRY_CONFIG_HOST_MAX + 1];
+		uint16_t port = 0;
+		const char *hp = json_is_string(d) ? json_string_value(d) : NULL;
+		if (!hp || strlen(hp) >= AGENT_HOSTPORT_MAX ||
+		    ferry_config_parse_hostport(hp, host, sizeof(host), &port) < 0 || !port) {
+			json_decref(o);
+			return respond_error(c, MHD_HTTP_BAD_REQUEST, "invalid_argument",
+					     "field 'to' item %zu must be a destination agent's "
+					     "migration address HOST:PORT",
+					     i);
+		}
+		snprintf(dests[nd++], AGENT_HOSTPORT_MAX, "%s", hp);
+	}
+	enum { ONLY_MAX = 256 };
+	char(*names)[VM_NAME_MAX] = NULL;
+	unsigned nv = 0;
+	json_t *vms = json_object_get(o, "vms");
+	if (vms && !json_is_null(vms)) {
+		if (!json_is_array(vms) || json_array_size(vms) > ONLY_MAX) {
+			json_decref(o);
+			return respond_error(c, MHD_HTTP_BAD_REQUEST, "invalid_argument",
+					     "field 'vms' must be a list of at most %u VM names",
+					     ONLY_MAX);
+		}
+		names = calloc(json_array_size(vms) ? json_array_size(vms) : 1, VM_NAME_MAX);
+		if (!names) {
+			json_decref(o);
+			return MHD_NO;
+		}
+		json_array_foreach(vms, i, d)
+		{
+			const char *vn = json_is_string(d) ? json_string_value(d) : NULL;
+			if (!vn || !*vn || strlen(vn) >= VM_NAME_MAX) {
+				free(names);
+				json_decref(o);
+				return respond_error(c, MHD_HTTP_BAD_REQUEST, "invalid_argument",
+						     "field 'vms' item %zu must be a VM name", i);
+			}
+			snprintf(names[nv++], VM_NAME_MAX, "%s", vn);
+		}
+		json_object_del(o, "vms");
+	}
+
+	/* The rest are the migrations' settings, checked as for POST /v1/migrations. */
+	json_object_set_new(o, "vm", json_string("-"));
+	json_object_set_new(o, "to", json_string(dests[0]));
+	int pr = parse_migration_request(o, &req, msg, sizeof(msg));
+	json_decref(o);
+	if (pr < 0) {
+		free(names);
+		return respond_error(c, MHD_HTTP_BAD_REQUEST, "invalid_argument", "%s", msg);
+	}
+	struct agent_error err = {0};
+	struct evacuation_item *items = NULL;
+	unsigned n = 0;
+	int er = agent_evacuate(api->agent, (const char(*)[AGENT_HOSTPORT_MAX])dests, nd,
+				(const char(*)[VM_NAME_MAX])names, nv, &req, &items, &n, &err);
+	free(names);
+	if (er < 0)
+		return respond_agent_error(c, &err);
+	json_t *arr = json_array();
+	for (unsigned k = 0; arr && k < n; k++) {
+		json_t *it = json_object();
+		if (!it)
+			continue;
+		put(it, "vm", text(items[k].vm));
+		put(it, "to", text(items[k].dest));
+		put(it, "migration", items[k].migration_id ? uint_json(items[k].migration_id)
+							   : json_null());
+		put(it, "error", text_or_null(items[k].error));
+		json_array_append_new(arr, it);
+	}
+	free(items);
+	json_t *res = json_object();
+	if (!res) {
+		json_decref(arr);
+		return MHD_NO;
+	}
+	put(res, "evacuation", arr ? arr : json_array());
+	return respond_json(c, MHD_HTTP_ACCEPTED, res);
 }
 
 /* ---------------- /v1/events ---------------- */
@@ -1231,6 +1426,8 @@ enum route {
 	R_MIGRATIONS,
 	R_MIGRATION,
 	R_MIGRATION_SWITCHOVER,
+	R_MIGRATION_HISTORY,
+	R_EVACUATE,
 	R_EVENTS,
 	R_METRICS,
 };
@@ -1251,6 +1448,8 @@ static const struct {
     [R_MIGRATIONS] = {M_GET | M_POST, "GET, HEAD, POST"},
     [R_MIGRATION] = {M_GET | M_DELETE, "GET, HEAD, DELETE"},
     [R_MIGRATION_SWITCHOVER] = {M_POST, "POST"},
+    [R_MIGRATION_HISTORY] = {M_GET, "GET, HEAD"},
+    [R_EVACUATE] = {M_POST, "POST"},
     [R_EVENTS] = {M_GET, "GET, HEAD"},
     [R_METRICS] = {M_GET, "GET, HEAD"},
 };
@@ -1285,6 +1484,8 @@ static enum route match(const char *url, char *arg, size_t arglen)
 		return R_HEALTH;
 	if (strcmp(seg[1], "events") == 0 && n == 2)
 		return R_EVENTS;
+	if (strcmp(seg[1], "evacuate") == 0 && n == 2)
+		return R_EVACUATE;
 	if (strcmp(seg[1], "vms") == 0) {
 		if (n == 2)
 			return R_VMS;
@@ -1307,6 +1508,8 @@ static enum route match(const char *url, char *arg, size_t arglen)
 			return R_MIGRATION;
 		if (strcmp(seg[3], "switchover") == 0)
 			return R_MIGRATION_SWITCHOVER;
+		if (strcmp(seg[3], "history") == 0)
+			return R_MIGRATION_HISTORY;
 	}
 	return R_NONE;
 }
@@ -1329,7 +1532,8 @@ static enum MHD_Result dispatch(struct api *api, struct MHD_Connection *c, const
 					 "%.16s is not allowed on %.200s (allowed: %s)", method,
 					 url, routes[r].allow);
 	uint64_t id = 0;
-	if ((r == R_MIGRATION || r == R_MIGRATION_SWITCHOVER) && !parse_u64(arg, &id))
+	if ((r == R_MIGRATION || r == R_MIGRATION_SWITCHOVER || r == R_MIGRATION_HISTORY) &&
+	    !parse_u64(arg, &id))
 		return respond_error(c, MHD_HTTP_BAD_REQUEST, "invalid_argument",
 				     "migration id '%.32s' is not a number", arg);
 
@@ -1355,6 +1559,10 @@ static enum MHD_Result dispatch(struct api *api, struct MHD_Connection *c, const
 				  : migration_action(api, c, id, rq, true);
 	case R_MIGRATION_SWITCHOVER:
 		return migration_action(api, c, id, rq, false);
+	case R_MIGRATION_HISTORY:
+		return get_history(api, c, id);
+	case R_EVACUATE:
+		return evacuate(api, c, rq);
 	case R_EVENTS:
 		return get_events(api, c);
 	case R_METRICS:

@@ -66,10 +66,12 @@ struct section {
 
 static const char *const log_level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const transport_names[] = {"auto", "tcp", "rdma", NULL};
+static const char *const timeout_action_names[] = {"abort", "switchover", "postcopy", NULL};
 
 /* K_ENUM fields are written through an unsigned; GCC gives these enums that representation. */
 _Static_assert(sizeof(enum ferry_config_log_level) == sizeof(unsigned), "enum size");
 _Static_assert(sizeof(enum ferry_config_transport) == sizeof(unsigned), "enum size");
+_Static_assert(sizeof(enum ferry_config_timeout_action) == sizeof(unsigned), "enum size");
 
 #define OFF(f) offsetof(struct ferry_config, f)
 #define SIZE(f) sizeof(((struct ferry_config *)0)->f)
@@ -97,6 +99,23 @@ static const struct key migration_keys[] = {
 	 .max = 65536},
 };
 
+static const struct key policy_keys[] = {
+	{.name = "completion_timeout_per_gib", .kind = K_U32,
+	 .off = OFF(policy.completion_timeout_per_gib), .min = 0, .max = 86400},
+	{.name = "progress_timeout", .kind = K_U32, .off = OFF(policy.progress_timeout),
+	 .min = 0, .max = 86400},
+	{.name = "timeout_action", .kind = K_ENUM, .off = OFF(policy.timeout_action),
+	 .names = timeout_action_names},
+	{.name = "allow_postcopy", .kind = K_BOOL, .off = OFF(policy.allow_postcopy)},
+	{.name = "downtime_steps", .kind = K_U32, .off = OFF(policy.downtime_steps), .min = 0,
+	 .max = 100},
+	{.name = "downtime_step_delay_per_gib", .kind = K_U32,
+	 .off = OFF(policy.downtime_step_delay_per_gib), .min = 1, .max = 86400},
+	{.name = "throttle", .kind = K_BOOL, .off = OFF(policy.throttle)},
+	{.name = "link_capacity", .kind = K_RATE, .off = OFF(policy.link_capacity),
+	 .min = MIN_BANDWIDTH},
+};
+
 static const struct key limits_keys[] = {
 	{.name = "max_outgoing", .kind = K_U32, .off = OFF(limits.max_outgoing), .min = 0,
 	 .max = 64},
@@ -116,6 +135,7 @@ static const struct section control_section = {"control", control_keys, NKEYS(co
 static const struct section migration_section = {"migration", migration_keys,
 						 NKEYS(migration_keys)};
 static const struct section limits_section = {"limits", limits_keys, NKEYS(limits_keys)};
+static const struct section policy_section = {"policy", policy_keys, NKEYS(policy_keys)};
 static const struct section tls_section = {"tls", tls_keys, NKEYS(tls_keys)};
 
 static const struct key top_keys[] = {
@@ -124,6 +144,7 @@ static const struct key top_keys[] = {
 	{.name = "state_dir", .kind = K_PATH, .off = OFF(state_dir), .size = SIZE(state_dir)},
 	{.name = "control", .kind = K_SECTION, .sub = &control_section},
 	{.name = "migration", .kind = K_SECTION, .sub = &migration_section},
+	{.name = "policy", .kind = K_SECTION, .sub = &policy_section},
 	{.name = "limits", .kind = K_SECTION, .sub = &limits_section},
 	{.name = "tls", .kind = K_SECTION, .sub = &tls_section},
 };
@@ -141,6 +162,22 @@ const char *ferry_config_log_level_name(enum ferry_config_log_level l)
 const char *ferry_config_transport_name(enum ferry_config_transport t)
 {
 	return (unsigned)t < NKEYS(transport_names) - 1 ? transport_names[t] : "?";
+}
+
+const char *ferry_config_timeout_action_name(enum ferry_config_timeout_action a)
+{
+	return (unsigned)a < NKEYS(timeout_action_names) - 1 ? timeout_action_names[a] : "?";
+}
+
+int ferry_config_timeout_action_parse(const char *s, enum ferry_config_timeout_action *ret)
+{
+	for (unsigned i = 0; timeout_action_names[i]; i++) {
+		if (!strcmp(s, timeout_action_names[i])) {
+			*ret = (enum ferry_config_timeout_action)i;
+			return 0;
+		}
+	}
+	return -EINVAL;
 }
 
 void ferry_config_defaults(struct ferry_config *c)
@@ -161,6 +198,15 @@ void ferry_config_defaults(struct ferry_config *c)
 	c->migration.verify = false;
 	c->migration.queue_depth = 64;
 	c->migration.batch_pages = 256;
+	/* KubeVirt's defaults; see docs/scheduler.md for each. */
+	c->policy.completion_timeout_per_gib = 150;
+	c->policy.progress_timeout = 150;
+	c->policy.timeout_action = FERRY_CONFIG_TIMEOUT_ABORT;
+	c->policy.allow_postcopy = false;
+	c->policy.downtime_steps = 0;
+	c->policy.downtime_step_delay_per_gib = 75;
+	c->policy.throttle = true;
+	c->policy.link_capacity = 0;
 	c->limits.max_outgoing = 2;
 	c->limits.max_incoming = 2;
 	c->limits.max_vms = 64;
@@ -1342,6 +1388,11 @@ int ferry_config_validate(const struct ferry_config *c, char *err, size_t errlen
 	if (!c->control.socket[0] && !c->control.tcp.host[0]) {
 		msgf(err, errlen,
 		     "control: socket and tcp are both off; nothing could reach the API");
+		return -EINVAL;
+	}
+	if (c->policy.timeout_action == FERRY_CONFIG_TIMEOUT_POSTCOPY && !c->policy.allow_postcopy) {
+		msgf(err, errlen,
+		     "policy.timeout_action: postcopy needs policy.allow_postcopy: true");
 		return -EINVAL;
 	}
 	if (same_listener(&c->control.tcp, &c->migration.listen)) {

@@ -72,6 +72,25 @@ struct ferry_config_migration {
 	uint32_t batch_pages; /* pages per read/write batch, 1..65536 */
 };
 
+/* What the scheduler does when a timeout fires (docs/scheduler.md). */
+enum ferry_config_timeout_action {
+	FERRY_CONFIG_TIMEOUT_ABORT = 0, /* cancel; the VM keeps running on the source */
+	FERRY_CONFIG_TIMEOUT_SWITCHOVER,
+	FERRY_CONFIG_TIMEOUT_POSTCOPY, /* needs allow_postcopy */
+};
+
+/* The migration policy (scheduler/): timeouts, downtime stepping, throttling, postcopy. */
+struct ferry_config_policy {
+	uint32_t completion_timeout_per_gib; /* s per GiB of guest memory; 0 = off */
+	uint32_t progress_timeout;           /* s without a new low of remaining; 0 = off */
+	enum ferry_config_timeout_action timeout_action;
+	bool allow_postcopy;
+	uint32_t downtime_steps;             /* 0 = the full target from the start */
+	uint32_t downtime_step_delay_per_gib; /* s between steps per GiB */
+	bool throttle;                       /* per-vCPU dirty limits when precopy stalls */
+	uint64_t link_capacity; /* bytes/s shared by this agent's outgoing migrations; 0 = off */
+};
+
 struct ferry_config_limits {
 	uint32_t max_outgoing; /* concurrent outgoing migrations, 0..64 (0 refuses all) */
 	uint32_t max_incoming; /* concurrent incoming migrations, 0..64 (0 refuses all) */
@@ -91,6 +110,7 @@ struct ferry_config {
 	char state_dir[PATH_MAX]; /* durable agent state (migration decisions) */
 	struct ferry_config_control control;
 	struct ferry_config_migration migration;
+	struct ferry_config_policy policy;
 	struct ferry_config_limits limits;
 	struct ferry_config_tls tls;
 };
@@ -178,5 +198,8 @@ int ferry_config_parse_size(const char *s, uint64_t *ret);
 /* Enum names as they appear in the file ("info", "rdma"); "?" for out-of-range values. */
 const char *ferry_config_log_level_name(enum ferry_config_log_level l);
 const char *ferry_config_transport_name(enum ferry_config_transport t);
+const char *ferry_config_timeout_action_name(enum ferry_config_timeout_action a);
+/* "abort" | "switchover" | "postcopy"; -EINVAL otherwise. */
+int ferry_config_timeout_action_parse(const char *s, enum ferry_config_timeout_action *ret);
 
 #endif /* FERRY_CONFIG_H */

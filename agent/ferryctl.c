@@ -320,6 +320,9 @@ struct opts {
 	int verify; /* -1 unset */
 	bool wait;
 	const char *since, *offset;
+	int postcopy; /* -1 unset */
+	const char *timeout_action;
+	long completion_timeout, progress_timeout, priority; /* -1 unset */
 };
 
 static void print_vm(const json_t *vm)
@@ -661,6 +664,22 @@ static void print_migration(const json_t *m)
 		       (unsigned long long)num(m, "total_time_ms"),
 		       (unsigned long long)num(m, "setup_time_ms"),
 		       (unsigned long long)num(m, "downtime_ms"));
+	if (json_is_integer(json_object_get(m, "queue_position")))
+		printf("queue position:    %llu\n", (unsigned long long)num(m, "queue_position"));
+	if (str(m, "decision")[0])
+		printf("decision:          %s: %s\n", str(m, "decision"), str(m, "decision_reason"));
+	else if (str(m, "decision_reason")[0])
+		printf("decision:          %s\n", str(m, "decision_reason"));
+	json_t *th = json_object_get(m, "throttle");
+	if (th && num(th, "level")) {
+		printf("throttle:          level %llu, held per vCPU:",
+		       (unsigned long long)num(th, "level"));
+		size_t i;
+		json_t *p;
+		json_array_foreach (json_object_get(th, "vcpu_pct"), i, p)
+			printf(" %lld%%", (long long)json_integer_value(p));
+		printf("\n");
+	}
 }
 
 static int migration_path(char *buf, size_t len, const char *id, const char *suffix)
@@ -706,6 +725,134 @@ static int cmd_migration_list(struct ctl *ctl)
 	table_print(&t);
 	json_decref(j);
 	return 0;
+}
+
+/* The scheduler's decisions, one line each (or the JSON with --json). */
+static int cmd_migration_history(struct ctl *ctl, const char *id)
+{
+	char path[64];
+	json_t *j = NULL;
+	int e = migration_path(path, sizeof(path), id, "/history");
+	if (!e)
+		e = call(ctl, "GET", path, NULL, &j);
+	if (e)
+		return e;
+	if (ctl->json) {
+		print_json(j);
+		json_decref(j);
+		return 0;
+	}
+	size_t i;
+	json_t *r;
+	json_array_foreach (json_object_get(j, "history"), i, r) {
+		printf("round %-3llu %s%-10s %s\n", (unsigned long long)num(r, "round"),
+		       json_is_true(json_object_get(r, "tick")) ? "(tick) " : "",
+		       str(r, "action"), str(r, "why"));
+	}
+	json_decref(j);
+	return 0;
+}
+
+/* Starts the evacuation; with --wait follows every migration to its end. */
+static int cmd_evacuate(struct ctl *ctl, const struct opts *o)
+{
+	json_t *to = json_array();
+	char *list = strdup(o->to), *save = NULL;
+	for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save))
+		json_array_append_new(to, json_string(t));
+	free(list);
+	json_t *body = json_pack("{s:o}", "to", to);
+	if (o->downtime >= 0)
+		json_object_set_new(body, "downtime_ms", json_integer(o->downtime));
+	if (o->bandwidth)
+		json_object_set_new(body, "bandwidth", json_string(o->bandwidth));
+	if (o->streams >= 0)
+		json_object_set_new(body, "streams", json_integer(o->streams));
+	if (o->verify >= 0)
+		json_object_set_new(body, "verify", json_boolean(o->verify));
+	if (o->transport)
+		json_object_set_new(body, "transport", json_string(o->transport));
+	json_t *res = NULL;
+	int e = call(ctl, "POST", "/v1/evacuate", body, &res);
+	json_decref(body);
+	if (e)
+		return e;
+	json_t *items = json_object_get(res, "evacuation");
+	size_t i;
+	json_t *it;
+	int failed = 0;
+	if (!o->wait) {
+		if (ctl->json) {
+			print_json(res);
+		} else {
+			json_array_foreach (items, i, it) {
+				if (json_is_integer(json_object_get(it, "migration")))
+					printf("%s -> %s: migration %llu\n", str(it, "vm"), str(it, "to"),
+					       (unsigned long long)num(it, "migration"));
+				else
+					printf("%s -> %s: not started: %s\n", str(it, "vm"),
+					       str(it, "to"), str(it, "error"));
+			}
+			if (json_array_size(items) == 0)
+				printf("nothing to evacuate\n");
+		}
+		json_array_foreach (items, i, it)
+			failed |= !json_is_integer(json_object_get(it, "migration"));
+		json_decref(res);
+		return failed ? EXIT_FAIL : 0;
+	}
+	/* --wait: poll each migration until all ended; one line per VM as it ends. */
+	size_t n = json_array_size(items);
+	bool *done = calloc(n ? n : 1, sizeof(bool));
+	json_t *finals = json_array();
+	for (size_t left = n; left;) {
+		json_array_foreach (items, i, it) {
+			if (done[i])
+				continue;
+			json_t *m = NULL;
+			char path[64];
+			if (!json_is_integer(json_object_get(it, "migration"))) {
+				done[i] = true;
+				left--;
+				failed = 1;
+				if (!ctl->json)
+					printf("%s -> %s: not started: %s\n", str(it, "vm"),
+					       str(it, "to"), str(it, "error"));
+				continue;
+			}
+			snprintf(path, sizeof(path), "/v1/migrations/%llu",
+				 (unsigned long long)num(it, "migration"));
+			if (call(ctl, "GET", path, NULL, &m) != 0)
+				continue;
+			if (final_state(str(m, "state"))) {
+				done[i] = true;
+				left--;
+				bool ok = !strcmp(str(m, "state"), "completed");
+				failed |= !ok;
+				if (!ctl->json)
+					printf("%s -> %s: %s in %llu ms (downtime %llu ms)%s%s\n",
+					       str(it, "vm"), str(it, "to"), str(m, "state"),
+					       (unsigned long long)num(m, "total_time_ms"),
+					       (unsigned long long)num(m, "downtime_ms"),
+					       ok ? "" : ": ", ok ? "" : str(m, "error"));
+				json_array_append(finals, m);
+			}
+			json_decref(m);
+		}
+		if (left)
+			usleep(200000);
+	}
+	if (ctl->json) {
+		json_t *out = json_pack("{s:O}", "evacuation", finals);
+		print_json(out);
+		json_decref(out);
+	} else if (!n) {
+		printf("nothing to evacuate\n");
+	}
+	json_decref(finals);
+	free(done);
+	json_decref(res);
+	return failed ? EXIT_FAIL : 0;
 }
 
 static int cmd_migration_show(struct ctl *ctl, const char *id)
@@ -830,6 +977,17 @@ static int cmd_migrate(struct ctl *ctl, const char *vm, const struct opts *o)
 		json_object_set_new(body, "verify", json_boolean(o->verify));
 	if (o->transport)
 		json_object_set_new(body, "transport", json_string(o->transport));
+	if (o->postcopy >= 0)
+		json_object_set_new(body, "allow_postcopy", json_boolean(o->postcopy));
+	if (o->timeout_action)
+		json_object_set_new(body, "timeout_action", json_string(o->timeout_action));
+	if (o->completion_timeout >= 0)
+		json_object_set_new(body, "completion_timeout_per_gib",
+				    json_integer(o->completion_timeout));
+	if (o->progress_timeout >= 0)
+		json_object_set_new(body, "progress_timeout", json_integer(o->progress_timeout));
+	if (o->priority >= 0)
+		json_object_set_new(body, "priority", json_integer(o->priority));
 	json_t *m = NULL;
 	e = call(ctl, "POST", "/v1/migrations", body, &m);
 	json_decref(body);
@@ -999,8 +1157,13 @@ static void usage(FILE *f)
 		"  vm dump NAME FILE             write guest memory to FILE (on the agent's host)\n"
 		"  migrate NAME --to HOST:PORT [--downtime MS] [--bandwidth RATE] [--streams N]\n"
 		"          [--verify|--no-verify] [--transport auto|tcp|rdma] [--wait]\n"
+		"          [--postcopy|--no-postcopy] [--timeout-action abort|switchover|postcopy]\n"
+		"          [--completion-timeout S_PER_GIB] [--progress-timeout S] [--priority 0..100]\n"
 		"  migration list\n"
-		"  migration show|cancel|switchover ID\n"
+		"  migration show|cancel|switchover|history ID\n"
+		"  evacuate --to HOST:PORT[,HOST:PORT...] [--downtime MS] [--bandwidth RATE]\n"
+		"           [--streams N] [--verify] [--transport T] [--wait]\n"
+		"                                move every VM off this host\n"
 		"  events [--since SEQ]          follow the event feed until interrupted\n"
 		"\n"
 		"--json prints the API's JSON instead of tables. With --wait, migrate follows the\n"
@@ -1031,6 +1194,12 @@ enum opt_id {
 	O_TRANSPORT,
 	O_WAIT,
 	O_SINCE,
+	O_POSTCOPY,
+	O_NO_POSTCOPY,
+	O_TIMEOUT_ACTION,
+	O_COMPLETION_TIMEOUT,
+	O_PROGRESS_TIMEOUT,
+	O_PRIORITY,
 };
 #define BIT(o) (1ull << (o))
 #define COMMON (BIT(O_SOCKET) | BIT(O_JSON) | BIT(O_HELP))
@@ -1079,9 +1248,15 @@ static int run(struct ctl *ctl, char **pos, int npos, uint64_t seen, const struc
 	    {"vm", "dump", 2, 0},
 	    {"migrate", NULL, 1,
 	     BIT(O_TO) | BIT(O_DOWNTIME) | BIT(O_BANDWIDTH) | BIT(O_STREAMS) | BIT(O_VERIFY) |
+		 BIT(O_NO_VERIFY) | BIT(O_TRANSPORT) | BIT(O_WAIT) | BIT(O_POSTCOPY) |
+		 BIT(O_NO_POSTCOPY) | BIT(O_TIMEOUT_ACTION) | BIT(O_COMPLETION_TIMEOUT) |
+		 BIT(O_PROGRESS_TIMEOUT) | BIT(O_PRIORITY)},
+	    {"evacuate", NULL, 0,
+	     BIT(O_TO) | BIT(O_DOWNTIME) | BIT(O_BANDWIDTH) | BIT(O_STREAMS) | BIT(O_VERIFY) |
 		 BIT(O_NO_VERIFY) | BIT(O_TRANSPORT) | BIT(O_WAIT)},
 	    {"migration", "list", 0, 0},
 	    {"migration", "show", 1, 0},
+	    {"migration", "history", 1, 0},
 	    {"migration", "cancel", 1, 0},
 	    {"migration", "switchover", 1, 0},
 	    {"events", NULL, 0, BIT(O_SINCE)},
@@ -1130,6 +1305,12 @@ static int run(struct ctl *ctl, char **pos, int npos, uint64_t seen, const struc
 		    [O_TRANSPORT] = "--transport",
 		    [O_WAIT] = "--wait",
 		    [O_SINCE] = "--since",
+		    [O_POSTCOPY] = "--postcopy",
+		    [O_NO_POSTCOPY] = "--no-postcopy",
+		    [O_TIMEOUT_ACTION] = "--timeout-action",
+		    [O_COMPLETION_TIMEOUT] = "--completion-timeout",
+		    [O_PROGRESS_TIMEOUT] = "--progress-timeout",
+		    [O_PRIORITY] = "--priority",
 		};
 		int b = __builtin_ctzll(stray);
 		return usage_error("%s does not apply to '%s'", names[b] ? names[b] : "option",
@@ -1168,6 +1349,13 @@ static int run(struct ctl *ctl, char **pos, int npos, uint64_t seen, const struc
 		return cmd_migration_list(ctl);
 	if (!strcmp(cmd, "migration show"))
 		return cmd_migration_show(ctl, args[0]);
+	if (!strcmp(cmd, "migration history"))
+		return cmd_migration_history(ctl, args[0]);
+	if (!strcmp(cmd, "evacuate")) {
+		if (!o->to)
+			return usage_error("'evacuate' needs --to HOST:PORT[,HOST:PORT...]");
+		return cmd_evacuate(ctl, o);
+	}
 	if (!strcmp(cmd, "migration cancel") || !strcmp(cmd, "migration switchover"))
 		return cmd_migration_action(ctl, args[0], !strcmp(cmd, "migration cancel"));
 	return cmd_events(ctl, o);
@@ -1198,9 +1386,16 @@ int main(int argc, char **argv)
 	    {"transport", required_argument, NULL, O_TRANSPORT},
 	    {"wait", no_argument, NULL, O_WAIT},
 	    {"since", required_argument, NULL, O_SINCE},
+	    {"postcopy", no_argument, NULL, O_POSTCOPY},
+	    {"no-postcopy", no_argument, NULL, O_NO_POSTCOPY},
+	    {"timeout-action", required_argument, NULL, O_TIMEOUT_ACTION},
+	    {"completion-timeout", required_argument, NULL, O_COMPLETION_TIMEOUT},
+	    {"progress-timeout", required_argument, NULL, O_PROGRESS_TIMEOUT},
+	    {"priority", required_argument, NULL, O_PRIORITY},
 	    {NULL, 0, NULL, 0},
 	};
-	struct opts o = {.vcpus = 1, .downtime = -1, .streams = -1, .verify = -1};
+	struct opts o = {.vcpus = 1, .downtime = -1, .streams = -1, .verify = -1, .postcopy = -1,
+			 .completion_timeout = -1, .progress_timeout = -1, .priority = -1};
 	struct ctl ctl = {.socket = getenv("FERRY_SOCKET")};
 	uint64_t seen = 0;
 	int c;
@@ -1294,6 +1489,29 @@ int main(int argc, char **argv)
 			break;
 		case O_SINCE:
 			o.since = optarg;
+			break;
+		case O_POSTCOPY:
+		case O_NO_POSTCOPY:
+			o.postcopy = c == O_POSTCOPY;
+			break;
+		case O_TIMEOUT_ACTION:
+			o.timeout_action = optarg;
+			break;
+		case O_COMPLETION_TIMEOUT:
+			if (!parse_long(optarg, 0, 86400, &o.completion_timeout))
+				return usage_error("--completion-timeout takes seconds per GiB "
+						   "(0..86400), got '%s'",
+						   optarg);
+			break;
+		case O_PROGRESS_TIMEOUT:
+			if (!parse_long(optarg, 0, 86400, &o.progress_timeout))
+				return usage_error("--progress-timeout takes seconds (0..86400), "
+						   "got '%s'",
+						   optarg);
+			break;
+		case O_PRIORITY:
+			if (!parse_long(optarg, 0, 100, &o.priority))
+				return usage_error("--priority takes 0..100, got '%s'", optarg);
 			break;
 		}
 	}

@@ -37,6 +37,7 @@
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <math.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -78,7 +79,26 @@ struct migration {
 	uint8_t token[PROTO_TOKEN_LEN];
 	uint64_t remote_id;        /* destination: the source's id */
 	struct proto_hello hello;  /* destination: what the source offered */
+	uint32_t refuse_code;      /* source: the destination's REFUSE/ABORT code, if any */
+
+	/* Source: the scheduler, used by the job thread only. */
+	struct sched_migration *sched;
+	struct sched_policy policy;
+	uint64_t precopy_start_ns;
+	uint64_t last_tick_ns;
+	uint64_t state_bytes; /* estimate of the switch-over's state transfer */
+	double bw_Bps;        /* the latest bandwidth estimate */
+	/* Under m->lock: the decisions (JSON objects), oldest first; nr_dropped past the cap. */
+	char **history;
+	unsigned nr_history;
+	uint64_t nr_dropped;
+	/* Under agent->lock: the host let it start (sched_admission). */
+	bool admitted;
 };
+
+#define HISTORY_MAX 2048u
+#define TICK_NS 500000000ull        /* judge timeouts this often inside a long round */
+#define BUSY_RETRY_MS 1000u          /* destination at its limit: ask again after this */
 
 struct decision_rec {
 	uint64_t remote_id;
@@ -297,8 +317,11 @@ static int recv_msg(struct migration *m, uint16_t want, void **ret, size_t *ret_
 	if (type == PROTO_REFUSE || type == PROTO_ABORT) {
 		struct proto_refuse rf;
 		char derr[128];
-		if (proto_decode_refuse(*ret, *ret_len, &rf, derr, sizeof(derr)) < 0)
+		if (proto_decode_refuse(*ret, *ret_len, &rf, derr, sizeof(derr)) < 0) {
+			rf.code = PROTO_E_INTERNAL;
 			snprintf(rf.message, sizeof(rf.message), "(undecodable: %s)", derr);
+		}
+		m->refuse_code = rf.code;
 		free(*ret);
 		*ret = NULL;
 		return mig_fail(m, -ECONNREFUSED, "destination %s: %s: %s",
@@ -467,6 +490,8 @@ static int runs_add_batch(struct runs *rs, const struct tracker_batch *b, unsign
  * Takes every dirty chunk and sends it, TAKE_GROUP_CHUNKS at a time, so each chunk is
  * re-protected just before it is read (DESIGN.md rule 1). Returns pages sent.
  */
+static int sched_tick(struct migration *m, uint64_t remaining_pages);
+
 static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
 		      uint64_t *ret_pages)
 {
@@ -509,6 +534,9 @@ static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
 		if (r < 0)
 			break;
 		*ret_pages += rs.pages;
+		r = sched_tick(m, to_send > *ret_pages ? to_send - *ret_pages : 0);
+		if (r != 0)
+			more = false; /* 1: switch over now (the rest goes then); < 0: give up */
 		/* Live progress within a long round (the first one sends all of memory). */
 		struct xport_src_stats st;
 		xport_src_stats(m->src, &st);
@@ -524,6 +552,7 @@ static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
 	free(b);
 	return r;
 }
+
 
 static void update_stats(struct migration *m, uint32_t round, uint64_t remaining_pages,
 			 double dirty_pps, double bw_Bps)
@@ -561,11 +590,32 @@ static int source_setup(struct migration *m, struct vm *vm)
 	if (cancelled(m))
 		return mig_fail(m, -ECANCELED, "cancelled");
 
+	/* Offer RDMA when allowed and this end of the control connection is on a device. */
+	char local_ip[64] = "", peer_ip[64] = "", why[160] = "";
+	bool offer_rdma = false;
+	enum migration_transport want = m->req.transport;
+	if (want == MIG_TRANSPORT_AUTO && a->cfg.migration.transport == FERRY_CONFIG_TRANSPORT_TCP)
+		want = MIG_TRANSPORT_TCP;
+	if (want == MIG_TRANSPORT_AUTO && a->cfg.migration.transport == FERRY_CONFIG_TRANSPORT_RDMA)
+		want = MIG_TRANSPORT_RDMA;
+	if (want == MIG_TRANSPORT_TCP) {
+		snprintf(why, sizeof(why), "tcp requested");
+	} else if (xctl_addrs(m->ctl, local_ip, peer_ip, sizeof(local_ip)) < 0) {
+		snprintf(why, sizeof(why), "addresses of the control connection unknown");
+	} else if (!xport_rdma_usable(local_ip, why, sizeof(why))) {
+		/* why says what is missing */
+	} else {
+		offer_rdma = true;
+	}
+	if (want == MIG_TRANSPORT_RDMA && !offer_rdma)
+		return mig_fail(m, -EOPNOTSUPP, "transport rdma: this agent cannot: %s", why);
+
 	struct proto_hello h = {
 		.min_version = PROTO_VERSION,
 		.max_version = PROTO_VERSION,
 		.migration_id = m->id,
-		.caps = PROTO_CAP_TCP | (m->info.verify ? PROTO_CAP_VERIFY : 0),
+		.caps = PROTO_CAP_TCP | (offer_rdma ? PROTO_CAP_RDMA : 0) |
+			(m->info.verify ? PROTO_CAP_VERIFY : 0),
 		.page_size = 4096,
 		.streams = m->req.streams,
 	};
@@ -599,7 +649,16 @@ static int source_setup(struct migration *m, struct vm *vm)
 		return r;
 	if ((r = recv_msg(m, PROTO_VM_ACCEPT, &buf, &len, OFFER_TIMEOUT_MS)) < 0)
 		return r;
+	struct proto_vm_accept acc;
+	r = proto_decode_vm_accept(buf, len, &acc, err, sizeof(err));
 	free(buf);
+	if (r < 0)
+		return mig_fail(m, r, "bad VM_ACCEPT: %s", err);
+	bool use_rdma = offer_rdma && (w.caps & PROTO_CAP_RDMA) && acc.rdma_port;
+	if (offer_rdma && !use_rdma)
+		snprintf(why, sizeof(why), "the destination did not offer RDMA");
+	if (want == MIG_TRANSPORT_RDMA && !use_rdma)
+		return mig_fail(m, -EOPNOTSUPP, "transport rdma: %s", why);
 	if (cancelled(m))
 		return mig_fail(m, -ECANCELED, "cancelled");
 
@@ -618,38 +677,222 @@ static int source_setup(struct migration *m, struct vm *vm)
 						  : a->cfg.migration.batch_pages},
 	};
 	struct xport_src *src = NULL;
-	r = xport_src_tcp_new(&xc, m->req.dest, m->token, fds, sizes, o.nr_slots, &src, err,
-			      sizeof(err));
-	if (r < 0)
-		return mig_fail(m, r, "opening data streams to %s: %s", m->req.dest, err);
+	if (use_rdma) {
+		r = xport_src_rdma_new(&xc, peer_ip, acc.rdma_port, m->token, fds, sizes,
+				       o.nr_slots, &src, err, sizeof(err));
+		if (r < 0)
+			return mig_fail(m, r, "opening RDMA queue pairs to %s port %u: %s", peer_ip,
+					acc.rdma_port, err);
+		snprintf(why, sizeof(why), "both agents have a usable RDMA device (%s -> %s)",
+			 local_ip, peer_ip);
+	} else {
+		r = xport_src_tcp_new(&xc, m->req.dest, m->token, fds, sizes, o.nr_slots, &src,
+				      err, sizeof(err));
+		if (r < 0)
+			return mig_fail(m, r, "opening data streams to %s: %s", m->req.dest, err);
+	}
 	pthread_mutex_lock(&m->lock);
 	m->src = src;
 	if (m->cancel)
 		xport_src_cancel(src);
 	snprintf(m->info.transport, sizeof(m->info.transport), "%s", xport_src_name(m->src));
-	snprintf(m->info.transport_reason, sizeof(m->info.transport_reason), "%s",
-		 m->req.transport == MIG_TRANSPORT_TCP ? "requested"
-						       : "RDMA not available on this agent");
+	snprintf(m->info.transport_reason, sizeof(m->info.transport_reason), "%s", why);
 	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
 
-/* Precopy rounds until the convergence rule (or a request) says switch over. */
+/* ---------------- the scheduler's glue (source) ---------------- */
+
+/* The policy of this migration: the agent's policy.* with the request's overrides. */
+static void policy_for(const struct migration *m, struct sched_policy *p)
+{
+	const struct ferry_config_policy *c = &m->a->cfg.policy;
+	const struct migration_request *q = &m->req;
+	sched_policy_default(p);
+	p->downtime_ms = q->downtime_ms;
+	p->downtime_steps = c->downtime_steps;
+	p->downtime_delay_s_per_gib = c->downtime_step_delay_per_gib;
+	p->completion_timeout_s_per_gib = q->completion_timeout_per_gib >= 0
+						  ? (uint32_t)q->completion_timeout_per_gib
+						  : c->completion_timeout_per_gib;
+	p->progress_timeout_s =
+		q->progress_timeout >= 0 ? (uint32_t)q->progress_timeout : c->progress_timeout;
+	int act = q->timeout_action >= 0 ? q->timeout_action : (int)c->timeout_action;
+	p->timeout_action = act == FERRY_CONFIG_TIMEOUT_SWITCHOVER ? SCHED_TIMEOUT_SWITCHOVER
+			    : act == FERRY_CONFIG_TIMEOUT_POSTCOPY ? SCHED_TIMEOUT_POSTCOPY
+								   : SCHED_TIMEOUT_ABORT;
+	p->allow_postcopy = q->allow_postcopy >= 0 ? q->allow_postcopy != 0 : c->allow_postcopy;
+	p->throttle = c->throttle;
+	/*
+	 * The VMM throttles by holding vCPUs back for a share of the time, up to 99 %, and the
+	 * dirty rates it is given undercount a guest that rewrites its working set within a
+	 * round (a page counts once per harvest): allow deeper levels and a lower floor than
+	 * the library's defaults, so repeated stalls keep tightening until remaining shrinks.
+	 */
+	p->throttle_max_level = 7;
+	p->throttle_floor_pps = 16;
+}
+
+/* Keeps the decision in the history and shows it in the record. */
+static void history_add(struct migration *m, const struct sched_round_record *rec)
+{
+	enum { JSON_MAX = 64 * 1024 };
+	char *json = malloc(JSON_MAX);
+	if (json && sched_record_json(rec, json, JSON_MAX) < 0) {
+		free(json);
+		json = NULL;
+	}
+	char *copy = json ? strdup(json) : NULL;
+	free(json);
+	pthread_mutex_lock(&m->lock);
+	if (copy && m->nr_history < HISTORY_MAX) {
+		char **h = realloc(m->history, (m->nr_history + 1) * sizeof(*h));
+		if (h) {
+			m->history = h;
+			m->history[m->nr_history++] = copy;
+			copy = NULL;
+		}
+	}
+	if (copy || !json)
+		m->nr_dropped++;
+	snprintf(m->info.decision, sizeof(m->info.decision), "%s", sched_action_name(rec->action));
+	snprintf(m->info.decision_reason, sizeof(m->info.decision_reason), "%s", rec->why);
+	m->info.throttle_level = rec->throttle_level;
+	unsigned n = rec->nr_vcpus < 64 ? rec->nr_vcpus : 64;
+	m->info.nr_vcpus = n;
+	for (unsigned i = 0; i < n; i++) {
+		double pct = rec->action == SCHED_THROTTLE ? rec->vcpu[i].slowed_pct : 0;
+		m->info.vcpu_throttle_pct[i] =
+			pct <= 0 ? 0 : pct >= VM_THROTTLE_MAX_PCT ? VM_THROTTLE_MAX_PCT
+								  : (uint8_t)lround(pct);
+	}
+	if (rec->expected_downtime_ms >= 0)
+		m->info.expected_downtime_ms = rec->expected_downtime_ms;
+	m->info.downtime_target_ms = (uint32_t)lround(rec->downtime_target_ms);
+	pthread_mutex_unlock(&m->lock);
+	free(copy);
+}
+
+/*
+ * THROTTLE: each vCPU runs only limit/demand of the time (the VMM holds the rest back);
+ * anything else lifts every throttle.
+ */
+static void apply_throttle(struct vm *vm, const struct sched_round_record *rec)
+{
+	if (rec->action != SCHED_THROTTLE) {
+		vm_clear_throttle(vm);
+		return;
+	}
+	for (unsigned i = 0; i < rec->nr_vcpus && i < vm_config(vm)->vcpus; i++) {
+		double pct = rec->vcpu[i].slowed_pct;
+		unsigned p = pct <= 0 ? 0 : pct >= VM_THROTTLE_MAX_PCT ? VM_THROTTLE_MAX_PCT
+								       : (unsigned)lround(pct);
+		vm_vcpu_set_throttle(vm, i, p);
+	}
+}
+
+static uint64_t vm_mem_bytes(struct vm *vm)
+{
+	uint64_t b = 0;
+	for (unsigned i = 0; i < vm_nr_slots(vm); i++)
+		b += vm_slot(vm, i)->size;
+	return b;
+}
+
+/*
+ * A timer tick inside a long round: only the completion timeout is judged here (the
+ * scheduler ignores the rest on ticks). Returns 1 to end the round and switch over, < 0 to
+ * give up (the error is set), 0 to go on.
+ */
+static int sched_tick(struct migration *m, uint64_t remaining_pages)
+{
+	uint64_t now = agent_mono_ns();
+	if (!m->sched || now - m->last_tick_ns < TICK_NS)
+		return 0;
+	m->last_tick_ns = now;
+	struct xport_src_stats st;
+	xport_src_stats(m->src, &st);
+	struct vm *vm = m->vm->vm;
+	struct sched_measure in = {
+		.now_ns = now,
+		.elapsed_ns = now - m->precopy_start_ns,
+		.round = m->info.round,
+		.tick = true,
+		.remaining_bytes = remaining_pages * 4096ull,
+		.bytes_sent = st.bytes,
+		.mem_bytes = vm_mem_bytes(vm),
+		.state_bytes = m->state_bytes,
+		.bandwidth_Bps = m->bw_Bps,
+		.dirty_pps = m->info.dirty_rate_pps,
+		.nr_vcpus = vm_config(vm)->vcpus,
+	};
+	struct sched_round_record *rec = malloc(sizeof(*rec));
+	if (!rec)
+		return 0;
+	sched_migration_decide(m->sched, &in, rec);
+	int r = 0;
+	if (rec->action == SCHED_SWITCHOVER || rec->action == SCHED_ABORT ||
+	    rec->action == SCHED_POSTCOPY) {
+		history_add(m, rec);
+		apply_throttle(vm, rec);
+		if (rec->action == SCHED_SWITCHOVER)
+			r = 1;
+		else
+			r = mig_fail(m, -ETIMEDOUT, "%s: %s",
+				     rec->action == SCHED_POSTCOPY ? "postcopy is not available"
+								   : "aborted by policy",
+				     rec->why);
+	}
+	free(rec);
+	return r;
+}
+
+/* Precopy rounds until the scheduler (or a request) says switch over. */
 static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fence)
 {
+	struct vm *vm = m->vm->vm;
+	unsigned nr_vcpus = vm_config(vm)->vcpus;
+	struct sched_bw bw;
 	struct sched_rate dirty;
+	struct sched_dirty *vdirty = NULL;
+	double *vpps = calloc(nr_vcpus, sizeof(double));
+	uint64_t *counts = calloc(nr_vcpus, sizeof(uint64_t));
+	struct sched_round_record *rec = malloc(sizeof(*rec));
 	uint64_t harvested_total = 0;
-	double bw = 0;
-	int r;
+	bool per_vcpu = tracker_backend(t) == TRACKER_RING;
+	int r = 0;
 
+	if (!vpps || !counts || !rec) {
+		r = mig_fail(m, -ENOMEM, "out of memory");
+		goto out;
+	}
+	policy_for(m, &m->policy);
+	char perr[160];
+	r = sched_migration_new(&m->policy, nr_vcpus, &m->sched);
+	if (r < 0) {
+		sched_policy_check(&m->policy, perr, sizeof(perr));
+		r = mig_fail(m, r, "migration policy: %s", perr);
+		goto out;
+	}
+	if (per_vcpu && sched_dirty_new(nr_vcpus, 3000000000ull, &vdirty) < 0)
+		per_vcpu = false;
+	/* vCPU state is a few KiB each, plus the VM's; generous, it is a forecast. */
+	m->state_bytes = 64 * 1024ull * nr_vcpus + 64 * 1024ull;
+	sched_bw_init(&bw, 10000000000ull);
 	sched_rate_init(&dirty, 3000000000ull);
 	set_state(m, MIG_PRECOPY);
+	m->precopy_start_ns = m->last_tick_ns = agent_mono_ns();
 	/*
 	 * One harvest per round, at its end: tracker_start(mark_all) filled the set for round
 	 * 1, and each round's closing harvest is both the measure of what remains and the
 	 * work of the next round.
 	 */
 	sched_rate_add(&dirty, agent_mono_ns(), 0);
+	if (per_vcpu) {
+		for (unsigned i = 0; i < nr_vcpus; i++)
+			counts[i] = tracker_vcpu_dirty_count(t, i);
+		sched_dirty_add(vdirty, agent_mono_ns(), counts, nr_vcpus);
+	}
 	for (uint32_t round = 1;; round++) {
 		struct tracker_sync_stats ss;
 		pthread_mutex_lock(&m->lock);
@@ -660,25 +903,36 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		xport_src_stats(m->src, &before);
 		uint64_t pages = 0;
 		r = send_dirty(m, t, fence, &pages);
-		if (r < 0)
-			return r == -ECANCELED ? mig_fail(m, r, "cancelled")
-					       : mig_fail(m, r, "sending round %u: %s", round,
-							  strerror(-r));
-		xport_src_stats(m->src, &after);
-		uint64_t dt = agent_mono_ns() - t0;
-		if (after.bytes > before.bytes && dt > 0) {
-			double round_bw = (double)(after.bytes - before.bytes) / ((double)dt / 1e9);
-			/* Small rounds measure latency, not bandwidth: weight by bytes. */
-			bw = bw == 0 ? round_bw : 0.5 * bw + 0.5 * round_bw;
+		if (r < 0) {
+			if (r == -ECANCELED)
+				r = mig_fail(m, r, "cancelled");
+			else if (!m->info.error[0])
+				r = mig_fail(m, r, "sending round %u: %s", round, strerror(-r));
+			goto out;
 		}
+		bool tick_switch = r == 1;
+		xport_src_stats(m->src, &after);
+		uint64_t now = agent_mono_ns();
+		if (after.bytes > before.bytes && now > t0)
+			sched_bw_add(&bw, now, after.bytes - before.bytes, now - t0);
+		m->bw_Bps = sched_bw_bytes_per_sec(&bw);
 		/* What is dirty now is what the next round (or the switch-over) must send. */
 		r = tracker_sync(t, &ss);
-		if (r < 0)
-			return mig_fail(m, r, "harvesting dirty pages: %s", strerror(-r));
+		if (r < 0) {
+			r = mig_fail(m, r, "harvesting dirty pages: %s", strerror(-r));
+			goto out;
+		}
+		now = agent_mono_ns();
 		harvested_total += ss.harvested;
-		sched_rate_add(&dirty, agent_mono_ns(), harvested_total);
+		sched_rate_add(&dirty, now, harvested_total);
+		if (per_vcpu) {
+			for (unsigned i = 0; i < nr_vcpus; i++)
+				counts[i] = tracker_vcpu_dirty_count(t, i);
+			sched_dirty_add(vdirty, now, counts, nr_vcpus);
+			sched_dirty_rates(vdirty, vpps, nr_vcpus);
+		}
 		uint64_t remaining = tracker_dirty_pages(t);
-		update_stats(m, round, remaining, sched_rate_per_sec(&dirty), bw);
+		update_stats(m, round, remaining, sched_rate_per_sec(&dirty), m->bw_Bps);
 
 		struct proto_round_end re = {.round = round, .fence = *fence, .pages = pages,
 					     .remaining = remaining};
@@ -686,17 +940,57 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		size_t len = 0;
 		r = proto_encode_round_end(&re, &buf, &len);
 		if ((r = send_msg(m, PROTO_ROUND_END, r, buf, len)) < 0)
-			return r;
+			goto out;
+		if (tick_switch)
+			goto out; /* the completion timeout chose switch-over; r == 0 */
+
+		struct sched_measure in = {
+			.now_ns = now,
+			.elapsed_ns = now - m->precopy_start_ns,
+			.round = round,
+			.remaining_bytes = remaining * 4096ull,
+			.bytes_sent = after.bytes,
+			.mem_bytes = vm_mem_bytes(vm),
+			.state_bytes = m->state_bytes,
+			.bandwidth_Bps = m->bw_Bps,
+			.dirty_pps = sched_rate_per_sec(&dirty),
+			.nr_vcpus = nr_vcpus,
+			.vcpu_dirty_pps = per_vcpu ? vpps : NULL,
+		};
+		sched_migration_decide(m->sched, &in, rec);
+		history_add(m, rec);
+		apply_throttle(vm, rec);
 
 		pthread_mutex_lock(&m->lock);
-		bool now = m->switchover || m->cancel;
-		double expected = m->info.expected_downtime_ms;
+		bool now_req = m->switchover || m->cancel;
 		pthread_mutex_unlock(&m->lock);
-		if (cancelled(m))
-			return mig_fail(m, -ECANCELED, "cancelled");
-		if (now || (bw > 0 && expected <= (double)m->req.downtime_ms))
-			return 0;
+		if (cancelled(m)) {
+			r = mig_fail(m, -ECANCELED, "cancelled");
+			goto out;
+		}
+		if (now_req || rec->action == SCHED_SWITCHOVER) {
+			r = 0;
+			goto out;
+		}
+		if (rec->action == SCHED_ABORT) {
+			r = mig_fail(m, -ETIMEDOUT, "aborted by policy: %s", rec->why);
+			goto out;
+		}
+		if (rec->action == SCHED_POSTCOPY) {
+			r = mig_fail(m, -EOPNOTSUPP, "postcopy is not available: %s", rec->why);
+			goto out;
+		}
 	}
+out:
+	vm_clear_throttle(vm);
+	/* No more ticks: the switch-over's sends must not be judged. */
+	sched_migration_free(m->sched);
+	m->sched = NULL;
+	sched_dirty_free(vdirty);
+	free(vpps);
+	free(counts);
+	free(rec);
+	return r;
 }
 
 /* After COMMIT_REQ: wait for the destination's word, reconnecting if the line drops. */
@@ -820,6 +1114,27 @@ static int source_switchover(struct migration *m, struct vm *vm, struct tracker 
 	return source_await_decision(m);
 }
 
+/* Queued (limits.max_outgoing): waits until admitted, cancelled or the agent stops. */
+static int source_wait_turn(struct migration *m)
+{
+	struct agent *a = m->a;
+	pthread_mutex_lock(&a->lock);
+	while (!m->admitted && !a->shutting_down) {
+		pthread_mutex_unlock(&a->lock);
+		if (cancelled(m))
+			return mig_fail(m, -ECANCELED, "cancelled while queued");
+		usleep(50000);
+		pthread_mutex_lock(&a->lock);
+	}
+	bool stop = !m->admitted;
+	pthread_mutex_unlock(&a->lock);
+	if (stop)
+		return mig_fail(m, -ESHUTDOWN, "the agent shut down while the migration was queued");
+	return 0;
+}
+
+static void rebalance_locked(struct agent *a);
+
 static void source_job(struct migration *m)
 {
 	struct agent *a = m->a;
@@ -829,10 +1144,38 @@ static void source_job(struct migration *m)
 	bool tracking = false;
 	int r;
 
-	set_state(m, MIG_SETUP);
-	r = source_setup(m, vm);
+	r = source_wait_turn(m);
 	if (r < 0)
 		goto out_fail;
+	t_start = agent_mono_ns();
+	for (;;) {
+		set_state(m, MIG_SETUP);
+		m->refuse_code = 0;
+		r = source_setup(m, vm);
+		if (r >= 0 || m->refuse_code != PROTO_E_BUSY || cancelled(m))
+			break;
+		/* The destination is at its limit (limits.max_incoming): wait and ask again. */
+		drop_src(m);
+		drop_ctl(m);
+		pthread_mutex_lock(&m->lock);
+		snprintf(m->info.decision_reason, sizeof(m->info.decision_reason),
+			 "waiting: %.180s", m->info.error);
+		m->info.error[0] = '\0';
+		pthread_mutex_unlock(&m->lock);
+		set_state(m, MIG_QUEUED);
+		for (unsigned w = 0; w < BUSY_RETRY_MS / 100 && !cancelled(m); w++)
+			usleep(100000);
+		if (cancelled(m)) {
+			r = mig_fail(m, -ECANCELED, "cancelled");
+			break;
+		}
+		t_start = agent_mono_ns();
+	}
+	if (r < 0)
+		goto out_fail;
+	pthread_mutex_lock(&a->lock);
+	rebalance_locked(a);
+	pthread_mutex_unlock(&a->lock);
 	r = tracker_start(t, true);
 	if (r < 0) {
 		mig_fail(m, r, "starting dirty tracking: %s", strerror(-r));
@@ -950,6 +1293,10 @@ static int record_decision(struct migration *m, enum proto_decided d)
 int migration_state_init(struct agent *a, struct agent_error *err)
 {
 	char dir[PATH_MAX + 16];
+	if (!a->admission &&
+	    sched_admission_new(a->cfg.limits.max_outgoing, a->cfg.limits.max_incoming,
+				&a->admission) < 0)
+		return agent_err(err, -ENOMEM, "internal", "out of memory");
 	snprintf(dir, sizeof(dir), "%s/decisions", a->cfg.state_dir);
 	if (mkdir(a->cfg.state_dir, 0700) < 0 && errno != EEXIST)
 		return agent_err(err, -errno, "unavailable", "cannot create state_dir %s: %s",
@@ -1077,8 +1424,15 @@ static void dest_job(struct migration *m)
 	int r;
 
 	set_state(m, MIG_SETUP);
+	/* RDMA when the source offers it and our end of this connection is on a device. */
+	char local_ip[64] = "", peer_ip[64] = "", why[160] = "";
+	bool rdma = (m->hello.caps & PROTO_CAP_RDMA) &&
+		    a->cfg.migration.transport != FERRY_CONFIG_TRANSPORT_TCP &&
+		    xctl_addrs(m->ctl, local_ip, peer_ip, sizeof(local_ip)) == 0 &&
+		    xport_rdma_usable(local_ip, why, sizeof(why));
 	struct proto_welcome w = {.version = PROTO_VERSION,
-				  .caps = PROTO_CAP_TCP | (m->hello.caps & PROTO_CAP_VERIFY)};
+				  .caps = PROTO_CAP_TCP | (rdma ? PROTO_CAP_RDMA : 0) |
+					  (m->hello.caps & PROTO_CAP_VERIFY)};
 	snprintf(w.agent, sizeof(w.agent), "%s", a->cfg.name);
 	memcpy(w.token, m->token, sizeof(w.token));
 	r = proto_encode_welcome(&w, &buf, &len);
@@ -1107,16 +1461,32 @@ static void dest_job(struct migration *m)
 		regions[i].fd = vm_slot(m->vm->vm, i)->memfd;
 	}
 	struct xport_dst *dst = NULL;
-	r = xport_dst_tcp_new(regions, o->nr_slots, m->hello.streams, &dst);
+	struct proto_vm_accept acc = {0};
+	char derr[256] = "";
+	if (rdma) {
+		/* Fresh guest memory: every page reads zero until the source writes it. */
+		r = xport_dst_rdma_new(regions, o->nr_slots, m->hello.streams,
+				       XPORT_RDMA_DST_ZEROED, local_ip, m->token, &dst, derr,
+				       sizeof(derr));
+		if (r == 0)
+			acc.rdma_port = xport_dst_rdma_port(dst);
+	} else {
+		r = xport_dst_tcp_new(regions, o->nr_slots, m->hello.streams, &dst);
+	}
 	free(o);
 	pthread_mutex_lock(&a->lock);
 	m->dst = dst;
 	pthread_mutex_unlock(&a->lock);
+	pthread_mutex_lock(&m->lock);
+	snprintf(m->info.transport, sizeof(m->info.transport), "%s", rdma ? "rdma" : "tcp");
+	pthread_mutex_unlock(&m->lock);
 	if (r < 0) {
-		dest_refuse(m, PROTO_E_INTERNAL, "data path: %s", strerror(-r));
+		dest_refuse(m, PROTO_E_INTERNAL, "data path: %s%s%s", strerror(-r),
+			    derr[0] ? ": " : "", derr);
 		goto fail;
 	}
-	r = send_msg(m, PROTO_VM_ACCEPT, 0, NULL, 0);
+	r = proto_encode_vm_accept(&acc, &buf, &len);
+	r = send_msg(m, PROTO_VM_ACCEPT, r, buf, len);
 	if (r < 0)
 		goto fail;
 	set_state(m, MIG_RECEIVING);
@@ -1301,6 +1671,70 @@ fail:
 
 /* ---------------- jobs, listener, API ---------------- */
 
+/* Called with agent->lock held: m's slot is free; admit who is next. */
+static void admission_done_locked(struct agent *a, struct migration *m)
+{
+	uint64_t next;
+	sched_admission_finish(a->admission, m->id);
+	while (sched_admission_next(a->admission, &next) == 1) {
+		for (struct migration *o = a->migrations; o; o = o->next)
+			if (o->id == next && !o->incoming)
+				o->admitted = true;
+	}
+}
+
+/*
+ * Called with agent->lock held. With policy.link_capacity set, the capacity is shared by
+ * the outgoing migrations sending to the same destination host, max-min fairly with
+ * weight 1 + priority; each one's cap (and its own requested cap, if lower) is applied to
+ * its data path at once.
+ */
+static void rebalance_locked(struct agent *a)
+{
+	uint64_t cap = a->cfg.policy.link_capacity;
+	if (!cap)
+		return;
+	enum { MAXF = 64 };
+	struct migration *ms[MAXF];
+	unsigned n = 0;
+	for (struct migration *m = a->migrations; m && n < MAXF; m = m->next)
+		if (!m->incoming && !m->done && m->admitted)
+			ms[n++] = m;
+	bool grouped[MAXF] = {false};
+	for (unsigned i = 0; i < n; i++) {
+		if (grouped[i])
+			continue;
+		char hi[300], hj[300];
+		uint16_t port;
+		if (ferry_config_parse_hostport(ms[i]->req.dest, hi, sizeof(hi), &port) < 0)
+			continue;
+		struct sched_share_flow fl[MAXF];
+		double caps[MAXF];
+		unsigned idx[MAXF], k = 0;
+		for (unsigned j = i; j < n; j++) {
+			if (grouped[j] ||
+			    ferry_config_parse_hostport(ms[j]->req.dest, hj, sizeof(hj), &port) < 0 ||
+			    strcmp(hi, hj) != 0)
+				continue;
+			grouped[j] = true;
+			idx[k] = j;
+			fl[k].weight = 1.0 + ms[j]->req.priority;
+			fl[k].demand_Bps = ms[j]->req.bandwidth ? (double)ms[j]->req.bandwidth
+								: (double)cap;
+			k++;
+		}
+		sched_share((double)cap, fl, k, caps);
+		for (unsigned q = 0; q < k; q++) {
+			struct migration *m = ms[idx[q]];
+			pthread_mutex_lock(&m->lock);
+			m->info.bandwidth_cap_bps = caps[q] * 8.0;
+			if (m->src)
+				xport_src_set_bandwidth(m->src, (uint64_t)caps[q]);
+			pthread_mutex_unlock(&m->lock);
+		}
+	}
+}
+
 static void *job_thread(void *arg)
 {
 	struct migration *m = arg;
@@ -1317,6 +1751,9 @@ static void *job_thread(void *arg)
 	}
 	pthread_mutex_lock(&m->a->lock);
 	m->done = true;
+	if (!m->incoming)
+		admission_done_locked(m->a, m);
+	rebalance_locked(m->a);
 	pthread_cond_broadcast(&m->a->cond);
 	pthread_mutex_unlock(&m->a->lock);
 	return NULL;
@@ -1340,6 +1777,10 @@ static struct migration *migration_alloc(struct agent *a, bool incoming)
 static void migration_release(struct migration *m)
 {
 	xctl_free(m->ctl);
+	for (unsigned i = 0; i < m->nr_history; i++)
+		free(m->history[i]);
+	free(m->history);
+	sched_migration_free(m->sched);
 	pthread_mutex_destroy(&m->lock);
 	free(m);
 }
@@ -1372,6 +1813,16 @@ static unsigned active(struct agent *a, bool incoming)
 	return n;
 }
 
+void migration_request_init(struct migration_request *req)
+{
+	memset(req, 0, sizeof(*req));
+	req->verify = -1;
+	req->allow_postcopy = -1;
+	req->timeout_action = -1;
+	req->completion_timeout_per_gib = -1;
+	req->progress_timeout = -1;
+}
+
 int agent_migration_create(struct agent *a, const struct migration_request *req,
 			   uint64_t *ret_id, struct agent_error *err)
 {
@@ -1388,7 +1839,7 @@ int agent_migration_create(struct agent *a, const struct migration_request *req,
 	if (req->downtime_ms > 60000)
 		return agent_err(err, -EINVAL, "invalid_argument",
 				 "downtime_ms must be 1..60000");
-	if (req->transport == MIG_TRANSPORT_RDMA)
+	if (req->transport == MIG_TRANSPORT_RDMA && !xport_rdma_usable(NULL, NULL, 0))
 		return agent_err(err, -EOPNOTSUPP, "invalid_argument",
 				 "transport rdma: no RDMA device on this agent; use tcp or auto");
 	struct agent_vm *v = agent_vm_get(a, req->vm, err);
@@ -1408,6 +1859,18 @@ int agent_migration_create(struct agent *a, const struct migration_request *req,
 		m->req.streams = d->streams;
 	m->info.verify = req->verify < 0 ? d->verify : req->verify != 0;
 	m->info.downtime_target_ms = m->req.downtime_ms;
+	m->info.priority = req->priority;
+	m->info.bandwidth_cap_bps = (double)m->req.bandwidth * 8.0;
+	{
+		struct sched_policy pol;
+		char perr[160];
+		policy_for(m, &pol);
+		if (sched_policy_check(&pol, perr, sizeof(perr)) < 0) {
+			agent_vm_put(a, v);
+			migration_release(m);
+			return agent_err(err, -EINVAL, "invalid_argument", "policy: %s", perr);
+		}
+	}
 	snprintf(m->info.vm, sizeof(m->info.vm), "%s", req->vm);
 	snprintf(m->info.peer, sizeof(m->info.peer), "%s", req->dest);
 	m->vm = v;
@@ -1419,19 +1882,27 @@ int agent_migration_create(struct agent *a, const struct migration_request *req,
 	else if (v->migration_id)
 		r = agent_err(err, -EBUSY, "conflict", "VM '%s' is already in migration %llu",
 			      req->vm, (unsigned long long)v->migration_id);
-	else if (active(a, false) >= a->cfg.limits.max_outgoing)
+	else if (a->cfg.limits.max_outgoing == 0)
 		r = agent_err(err, -EBUSY, "busy",
-			      "%u outgoing migrations already run (limits.max_outgoing)",
-			      a->cfg.limits.max_outgoing);
+			      "this agent refuses outgoing migrations (limits.max_outgoing is 0)");
 	else if (vm_state(v->vm) == VM_FAILED)
 		r = agent_err(err, -EIO, "conflict", "VM '%s' has failed", req->vm);
 	if (r == 0) {
 		/* Hold the VM and list the job under the same lock that checked them. */
 		m->id = a->next_migration_id++;
 		m->info.id = m->id;
-		v->migration_id = m->id;
-		m->next = a->migrations;
-		a->migrations = m;
+		int q = sched_admission_enqueue(a->admission, m->id, SCHED_DIR_OUT,
+						m->req.priority);
+		if (q < 0) {
+			r = agent_err(err, q, "internal", "admission: %s", strerror(-q));
+		} else {
+			/* Waits its turn in the job thread (limits.max_outgoing). */
+			m->admitted = q == 1;
+			m->info.state = m->admitted ? MIG_SETUP : MIG_QUEUED;
+			v->migration_id = m->id;
+			m->next = a->migrations;
+			a->migrations = m;
+		}
 	}
 	pthread_mutex_unlock(&a->lock);
 	if (r < 0) {
@@ -1465,6 +1936,8 @@ int agent_migration_info(struct agent *a, uint64_t id, struct migration_info *re
 		pthread_mutex_lock(&m->lock);
 		*ret = m->info;
 		pthread_mutex_unlock(&m->lock);
+		if (ret->state == MIG_QUEUED && !m->incoming)
+			ret->queue_position = sched_admission_position(a->admission, id);
 	}
 	pthread_mutex_unlock(&a->lock);
 	if (!m)
@@ -1486,6 +1959,8 @@ int agent_migration_list(struct agent *a, struct migration_info **ret, unsigned 
 		pthread_mutex_lock(&m->lock);
 		out[--i] = m->info; /* oldest first */
 		pthread_mutex_unlock(&m->lock);
+		if (out[i].state == MIG_QUEUED && !m->incoming)
+			out[i].queue_position = sched_admission_position(a->admission, m->id);
 	}
 	pthread_mutex_unlock(&a->lock);
 	if (!out)
@@ -1658,7 +2133,14 @@ static void incoming_hello(struct agent *a, int fd, const void *p, size_t len)
 	if (!code && a->shutting_down) {
 		code = PROTO_E_SHUTDOWN;
 		snprintf(err, sizeof(err), "agent %s is shutting down", a->cfg.name);
+	} else if (!code && a->cfg.limits.max_incoming == 0) {
+		/* Not "busy": retrying would not help. */
+		code = PROTO_E_INTERNAL;
+		snprintf(err, sizeof(err),
+			 "agent %s takes no incoming migrations (limits.max_incoming is 0)",
+			 a->cfg.name);
 	} else if (!code && active(a, true) >= a->cfg.limits.max_incoming) {
+		/* The source waits and asks again (its record shows it queued). */
 		code = PROTO_E_BUSY;
 		snprintf(err, sizeof(err), "agent %s is at its limit of %u incoming migrations",
 			 a->cfg.name, a->cfg.limits.max_incoming);
@@ -1807,4 +2289,118 @@ void migration_free_all(struct agent *a)
 	}
 	free(a->decisions);
 	a->decisions = NULL;
+	sched_admission_free(a->admission);
+	a->admission = NULL;
+}
+
+int agent_migration_history(struct agent *a, uint64_t id, char **ret_json,
+			    struct agent_error *err)
+{
+	pthread_mutex_lock(&a->lock);
+	struct migration *m = find(a, id);
+	char *out = NULL;
+	if (m) {
+		pthread_mutex_lock(&m->lock);
+		size_t len = 3;
+		for (unsigned i = 0; i < m->nr_history; i++)
+			len += strlen(m->history[i]) + 1;
+		out = malloc(len);
+		if (out) {
+			char *p = out;
+			*p++ = '[';
+			for (unsigned i = 0; i < m->nr_history; i++) {
+				if (i)
+					*p++ = ',';
+				size_t l = strlen(m->history[i]);
+				memcpy(p, m->history[i], l);
+				p += l;
+			}
+			*p++ = ']';
+			*p = '\0';
+		}
+		pthread_mutex_unlock(&m->lock);
+	}
+	pthread_mutex_unlock(&a->lock);
+	if (!m)
+		return agent_err(err, -ENOENT, "not_found", "no migration %llu",
+				 (unsigned long long)id);
+	if (!out)
+		return agent_err(err, -ENOMEM, "internal", "out of memory");
+	*ret_json = out;
+	return 0;
+}
+
+struct evac_vm {
+	char name[VM_NAME_MAX];
+	uint64_t mem;
+};
+
+static int evac_cmp(const void *x, const void *y)
+{
+	const struct evac_vm *a = x, *b = y;
+	if (a->mem != b->mem)
+		return a->mem < b->mem ? 1 : -1;
+	return strcmp(a->name, b->name);
+}
+
+int agent_evacuate(struct agent *a, const char (*dests)[AGENT_HOSTPORT_MAX], unsigned nr_dests,
+		   const char (*only)[VM_NAME_MAX], unsigned nr_only,
+		   const struct migration_request *tmpl, struct evacuation_item **ret,
+		   unsigned *ret_n, struct agent_error *err)
+{
+	if (!nr_dests)
+		return agent_err(err, -EINVAL, "invalid_argument", "no destination given");
+	for (unsigned i = 0; i < nr_only; i++) {
+		struct agent_vm *v = agent_vm_get(a, only[i], err);
+		if (!v)
+			return -ENOENT;
+		agent_vm_put(a, v);
+	}
+	struct agent_vm_info *vms = NULL;
+	unsigned n = 0;
+	int r = agent_vm_list(a, &vms, &n, err);
+	if (r < 0)
+		return r;
+	struct evac_vm *order = calloc(n ? n : 1, sizeof(*order));
+	struct evacuation_item *items = calloc(n ? n : 1, sizeof(*items));
+	if (!order || !items) {
+		free(vms);
+		free(order);
+		free(items);
+		return agent_err(err, -ENOMEM, "internal", "out of memory");
+	}
+	unsigned k = 0;
+	for (unsigned i = 0; i < n; i++) {
+		if (vms[i].migration_id)
+			continue; /* already on its way (in or out) */
+		bool wanted = nr_only == 0;
+		for (unsigned j = 0; j < nr_only && !wanted; j++)
+			wanted = strcmp(only[j], vms[i].name) == 0;
+		if (!wanted)
+			continue;
+		snprintf(order[k].name, sizeof(order[k].name), "%s", vms[i].name);
+		order[k].mem = vms[i].mem_size;
+		k++;
+	}
+	free(vms);
+	/* Largest first, so the long ones start early; then round-robin over the targets. */
+	qsort(order, k, sizeof(*order), evac_cmp);
+	for (unsigned i = 0; i < k; i++) {
+		struct migration_request q = *tmpl;
+		snprintf(q.vm, sizeof(q.vm), "%s", order[i].name);
+		snprintf(q.dest, sizeof(q.dest), "%s", dests[i % nr_dests]);
+		snprintf(items[i].vm, sizeof(items[i].vm), "%s", q.vm);
+		snprintf(items[i].dest, sizeof(items[i].dest), "%s", q.dest);
+		struct agent_error e = {0};
+		uint64_t id = 0;
+		if (agent_migration_create(a, &q, &id, &e) < 0)
+			snprintf(items[i].error, sizeof(items[i].error), "%s", e.message);
+		else
+			items[i].migration_id = id;
+	}
+	free(order);
+	agent_event(a, "host.evacuate", "\"vms\":%u,\"destinations\":%u", k, nr_dests);
+	*ret = items;
+	*ret_n = k;
+	return 0;
 }

@@ -132,7 +132,7 @@ static void guest_sleep(uint64_t ns)
  * Called by the vCPU thread after every return from KVM_RUN (the ticker's kicks make sure
  * that happens every few ms). A throttled vCPU keeps the account since its level was set:
  * it owes pct % of the time elapsed since then, minus what it already slept, and sleeps off
- * what it owes once that reaches a slice's worth (at most a few slices at a time). Keeping
+ * what it owes once that reaches half a slice (at most a second at a time). Keeping
  * the account, rather than sleeping a fixed amount per kick, holds the share even when the
  * thread gets the CPU late on a busy host. The sleep has an absolute deadline (kicks do not
  * cut it short) but ends at once when the VM is to pause or stop.
@@ -154,8 +154,9 @@ static void throttle_point(struct vcpu *v)
 	if (owed < v->account_held_ns + slice / 2)
 		return;
 	owed -= v->account_held_ns;
-	if (owed > 4 * slice)
-		owed = 4 * slice;
+	/* Long sleeps are fine: a pause kicks the thread out of it at once. */
+	if (owed > 100 * slice)
+		owed = 100 * slice;
 	uint64_t end = now + owed;
 	while (!should_park(v->vm)) {
 		if (vm_now_ns() >= end)

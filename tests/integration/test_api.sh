@@ -408,6 +408,17 @@ expect "name too long" 400 invalid_argument POST /v1/vms \
   "{\"name\":\"$(printf 'x%.0s' $(seq 100))\",\"memory\":\"64M\",\"guest\":\"dirtier\"}"
 expect "more memory than the host" 422 resource_exhausted POST /v1/vms \
   '{"name":"t1","memory":"64T","guest":"dirtier"}'
+expect "evacuate without destinations" 400 invalid_argument POST /v1/evacuate '{"to":[]}'
+expect "evacuate to a bad address" 400 invalid_argument POST /v1/evacuate '{"to":["nohost"]}'
+expect "evacuate an unknown VM" 404 not_found POST /v1/evacuate \
+  '{"to":["127.0.0.1:9"],"vms":["nope"]}'
+expect "evacuate with a bad setting" 400 invalid_argument POST /v1/evacuate \
+  '{"to":["127.0.0.1:9"],"timeout_action":"explode"}'
+expect "history of an unknown migration" 404 not_found GET /v1/migrations/999999/history
+expect "migration with postcopy action but postcopy off" 400 invalid_argument POST /v1/migrations \
+  '{"vm":"web1","to":"127.0.0.1:9","timeout_action":"postcopy","allow_postcopy":false}'
+expect "migration with a bad priority" 400 invalid_argument POST /v1/migrations \
+  '{"vm":"web1","to":"127.0.0.1:9","priority":101}'
 expect "duplicate VM" 409 already_exists POST /v1/vms \
   '{"name":"web1","memory":"64M","guest":"dirtier"}'
 head -c 1048576 /dev/zero >"$tmp/big"

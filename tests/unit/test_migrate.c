@@ -117,7 +117,8 @@ static struct migration_info wait_final(struct agent *a, uint64_t id)
 
 static uint64_t migrate(struct agent *from, struct agent *to, const char *vm, bool verify)
 {
-	struct migration_request r = {0};
+	struct migration_request r;
+	migration_request_init(&r);
 	struct agent_error err = {0};
 	uint64_t id = 0;
 	snprintf(r.vm, sizeof(r.vm), "%s", vm);
@@ -203,7 +204,8 @@ static void cancel_in_precopy(void **state)
 	s.tracker = TRACKER_BITMAP;
 	/* Dirtier than a capped link can carry: precopy goes on until cancelled. */
 	assert_int_equal(agent_vm_create(p->a, &s, &err), 0);
-	struct migration_request r = {0};
+	struct migration_request r;
+	migration_request_init(&r);
 	uint64_t id = 0;
 	snprintf(r.vm, sizeof(r.vm), "dirty");
 	snprintf(r.dest, sizeof(r.dest), "%s", agent_listen_address(p->b));
@@ -235,7 +237,8 @@ static void nobody_there(void **state)
 	struct pair *p = *state;
 	struct agent_error err = {0};
 	create_memcheck(p->a, "lonely");
-	struct migration_request r = {0};
+	struct migration_request r;
+	migration_request_init(&r);
 	uint64_t id = 0;
 	snprintf(r.vm, sizeof(r.vm), "lonely");
 	snprintf(r.dest, sizeof(r.dest), "127.0.0.1:1");
