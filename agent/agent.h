@@ -153,6 +153,8 @@ enum migration_state {
 	MIG_FAILED,        /* error; the VM runs on the source (see error) */
 	MIG_RECEIVING,     /* dest: precopy pages arriving */
 	MIG_DEST_READY,    /* dest: state in, verified, waiting to decide */
+	MIG_POSTCOPY,      /* both: the VM runs on the destination, which fetches the pages it
+			    * lacks from the paused source (docs/scheduler.md: the risk) */
 };
 const char *migration_state_name(enum migration_state s);
 

@@ -1362,7 +1362,7 @@ static enum MHD_Result get_metrics(struct api *api, struct MHD_Connection *c)
 	}
 
 	family(f, "ferry_migrations", "gauge", "Migrations this agent knows of, by state.");
-	for (int s = MIG_QUEUED; s <= MIG_DEST_READY; s++) {
+	for (int s = MIG_QUEUED; s <= MIG_POSTCOPY; s++) {
 		unsigned count = 0;
 		for (unsigned i = 0; i < nm; i++)
 			count += migs[i].state == (enum migration_state)s;

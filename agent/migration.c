@@ -23,6 +23,7 @@
  * request flags (cancel, switchover) and the destination's decision.
  */
 #include "agent/agent_internal.h"
+#include "agent/postcopy.h"
 
 #include <dirent.h>
 #include <endian.h>
@@ -94,6 +95,10 @@ struct migration {
 	uint64_t nr_dropped;
 	/* Under agent->lock: the host let it start (sched_admission). */
 	bool admitted;
+	/* Under m->lock: the migration went into postcopy. */
+	bool postcopy;
+	/* Destination, postcopy: the fault service (set once by the job thread). */
+	struct postcopy_dst *pc;
 };
 
 #define HISTORY_MAX 2048u
@@ -120,6 +125,7 @@ const char *migration_state_name(enum migration_state s)
 		[MIG_FAILED] = "failed",
 		[MIG_RECEIVING] = "receiving",
 		[MIG_DEST_READY] = "dest_ready",
+		[MIG_POSTCOPY] = "postcopy",
 	};
 	if ((unsigned)s < sizeof(names) / sizeof(names[0]) && names[s])
 		return names[s];
@@ -837,11 +843,10 @@ static int sched_tick(struct migration *m, uint64_t remaining_pages)
 		apply_throttle(vm, rec);
 		if (rec->action == SCHED_SWITCHOVER)
 			r = 1;
+		else if (rec->action == SCHED_POSTCOPY)
+			r = 2;
 		else
-			r = mig_fail(m, -ETIMEDOUT, "%s: %s",
-				     rec->action == SCHED_POSTCOPY ? "postcopy is not available"
-								   : "aborted by policy",
-				     rec->why);
+			r = mig_fail(m, -ETIMEDOUT, "aborted by policy: %s", rec->why);
 	}
 	free(rec);
 	return r;
@@ -910,7 +915,9 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 				r = mig_fail(m, r, "sending round %u: %s", round, strerror(-r));
 			goto out;
 		}
-		bool tick_switch = r == 1;
+		int tick_switch = r; /* 1: switch over, 2: postcopy (a tick decided) */
+		/* Until the peer has it: socket buffers would otherwise pass for bandwidth. */
+		xport_src_drain(m->src, FENCE_TIMEOUT_MS);
 		xport_src_stats(m->src, &after);
 		uint64_t now = agent_mono_ns();
 		if (after.bytes > before.bytes && now > t0)
@@ -941,8 +948,10 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		r = proto_encode_round_end(&re, &buf, &len);
 		if ((r = send_msg(m, PROTO_ROUND_END, r, buf, len)) < 0)
 			goto out;
-		if (tick_switch)
-			goto out; /* the completion timeout chose switch-over; r == 0 */
+		if (tick_switch) {
+			r = tick_switch == 2 ? 2 : 0; /* the completion timeout chose */
+			goto out;
+		}
 
 		struct sched_measure in = {
 			.now_ns = now,
@@ -977,7 +986,7 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 			goto out;
 		}
 		if (rec->action == SCHED_POSTCOPY) {
-			r = mig_fail(m, -EOPNOTSUPP, "postcopy is not available: %s", rec->why);
+			r = 2; /* the caller switches over into postcopy */
 			goto out;
 		}
 	}
@@ -1133,6 +1142,220 @@ static int source_wait_turn(struct migration *m)
 	return 0;
 }
 
+
+/* ---------------- postcopy (source) ---------------- */
+
+#define POSTCOPY_PUSH_PAGES 256u /* pages pushed between looks at the page requests */
+
+/* Sends pages [first, first + n) of slot as one batch of its own. */
+static int postcopy_send(struct migration *m, uint32_t slot, uint64_t first, uint32_t n,
+			 uint64_t *fence)
+{
+	struct page_run run = {.region = slot, .first_page = first, .npages = n};
+	return xport_src_send(m->src, &run, 1, ++*fence);
+}
+
+/* Answers every PAGE_REQ waiting on the control channel (timeout 0 = only what is there).
+ * Returns 1 when POSTCOPY_DONE arrived, 0 when nothing more is queued, < 0 on failure. */
+static int postcopy_serve(struct migration *m, const struct proto_postcopy_start *ps,
+			  int timeout_ms, uint64_t *fence)
+{
+	for (;;) {
+		uint16_t type = 0;
+		void *buf = NULL;
+		size_t len = 0;
+		char err[160] = "";
+		int r = xctl_recv(m->ctl, &type, &buf, &len, timeout_ms, err, sizeof(err));
+		if (r == -ETIMEDOUT)
+			return 0;
+		if (r < 0)
+			return mig_fail(m, r, "postcopy: lost the destination (%s%s%s); the VM runs "
+					      "there with pages missing and cannot go on without this "
+					      "agent; kept paused here, not resumed",
+					r == -ECONNRESET ? "connection closed" : strerror(-r),
+					err[0] ? ": " : "", err);
+		if (type == PROTO_POSTCOPY_DONE) {
+			free(buf);
+			return 1;
+		}
+		struct proto_page_req rq;
+		if (type != PROTO_PAGE_REQ ||
+		    proto_decode_page_req(buf, len, &rq, err, sizeof(err)) < 0 ||
+		    rq.slot >= ps->nr_slots || rq.first_page >= ps->npages[rq.slot] ||
+		    rq.npages > ps->npages[rq.slot] - rq.first_page) {
+			free(buf);
+			return mig_fail(m, -EPROTO, "postcopy: unexpected %s from the destination%s%s",
+					proto_type_name(type), err[0] ? ": " : "", err);
+		}
+		free(buf);
+		r = postcopy_send(m, rq.slot, rq.first_page, rq.npages, fence);
+		if (r < 0)
+			return mig_fail(m, r, "postcopy: sending requested pages: %s", strerror(-r));
+		timeout_ms = 0;
+	}
+}
+
+/*
+ * Postcopy: pause, send the state and the list of pages the destination lacks, and once it
+ * runs the VM (it decided RUN durably first), push those pages while answering its
+ * requests first. From POSTCOPY_START on this VM never resumes here.
+ */
+static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t,
+			   uint64_t *fence, uint64_t *ret_pause_ns)
+{
+	struct proto_postcopy_start ps = {0};
+	struct tracker_batch *b = malloc(sizeof(*b));
+	struct tracker_cursor cur = {0};
+	struct vm_error verr = {{0}};
+	void *buf = NULL, *blob = NULL;
+	size_t len = 0, blob_len = 0;
+	int r;
+
+	if (!b)
+		return mig_fail(m, -ENOMEM, "out of memory");
+	set_state(m, MIG_SWITCHOVER);
+	pthread_mutex_lock(&m->vm->op_lock);
+	*ret_pause_ns = agent_mono_ns();
+	vm_pause(vm);
+	pthread_mutex_unlock(&m->vm->op_lock);
+	r = tracker_sync(t, NULL);
+	if (r < 0) {
+		free(b);
+		return mig_fail(m, r, "final harvest: %s", strerror(-r));
+	}
+	/* What the destination lacks: everything still dirty (never sent, or since). */
+	ps.fence = *fence;
+	ps.nr_slots = vm_nr_slots(vm);
+	for (uint32_t i = 0; i < ps.nr_slots; i++) {
+		ps.npages[i] = vm_slot(vm, i)->size / 4096;
+		ps.bitmap[i] = calloc((ps.npages[i] + 63) / 64 + 1, sizeof(uint64_t));
+		if (!ps.bitmap[i]) {
+			r = mig_fail(m, -ENOMEM, "out of memory");
+			goto out;
+		}
+	}
+	uint64_t missing = 0;
+	while ((r = tracker_take_next(t, &cur, b)) > 0) {
+		if (b->slot_index >= ps.nr_slots)
+			continue;
+		for (uint32_t k = 0; k < b->npages; k++) {
+			if (!((b->bits[k / 64] >> (k % 64)) & 1))
+				continue;
+			uint64_t p = b->first_page + k;
+			if (p < ps.npages[b->slot_index]) {
+				ps.bitmap[b->slot_index][p / 64] |= 1ull << (p % 64);
+				missing++;
+			}
+		}
+	}
+	if (r < 0) {
+		r = mig_fail(m, r, "collecting the dirty pages: %s", strerror(-r));
+		goto out;
+	}
+	r = vm_state_save(vm, &blob, &blob_len, &verr);
+	if (r < 0) {
+		r = mig_fail(m, r, "saving vCPU state: %s", verr.msg);
+		goto out;
+	}
+	struct proto_state st = {.fence = *fence, .blob = blob, .blob_len = (uint32_t)blob_len};
+	r = proto_encode_state(&st, &buf, &len);
+	free(blob);
+	if ((r = send_msg(m, PROTO_STATE, r, buf, len)) < 0)
+		goto out;
+	pthread_mutex_lock(&m->lock);
+	bool c = m->cancel;
+	if (!c)
+		m->committed = true; /* the destination decides from here on */
+	pthread_mutex_unlock(&m->lock);
+	if (c) {
+		r = mig_fail(m, -ECANCELED, "cancelled");
+		goto out;
+	}
+	r = proto_encode_postcopy_start(&ps, &buf, &len);
+	r = send_msg(m, PROTO_POSTCOPY_START, r, buf, len);
+	if (r == 0)
+		r = recv_msg(m, PROTO_POSTCOPY_RUNNING, &buf, &len, FENCE_TIMEOUT_MS);
+	if (r < 0) {
+		if (r == -ECONNREFUSED) { /* REFUSE/ABORT: it discarded; resuming is safe */
+			r = PROTO_DECIDED_NOT_RUN;
+			goto out;
+		}
+		/* Lost the line: did it start the VM? Ask, as for a commit. */
+		pthread_mutex_lock(&m->lock);
+		m->info.error[0] = '\0';
+		pthread_mutex_unlock(&m->lock);
+		r = source_await_decision(m);
+		if (r == PROTO_DECIDED_RUN)
+			r = mig_fail(m, -ECONNRESET,
+				     "postcopy: the destination runs the VM but the connection was "
+				     "lost before any page could be served; the VM cannot go on");
+		goto out;
+	}
+	free(buf);
+	/* Downtime ends here: the VM runs on the destination (pages may still be missing). */
+	pthread_mutex_lock(&m->lock);
+	m->info.downtime_ms = (agent_mono_ns() - *ret_pause_ns) / 1000000ull;
+	m->postcopy = true;
+	pthread_mutex_unlock(&m->lock);
+	set_state(m, MIG_POSTCOPY);
+	agent_log(m->a, LOG_INFO, "migration %llu: postcopy: VM %s runs on %s, %llu pages to "
+		  "go", (unsigned long long)m->id, m->info.vm, m->req.dest,
+		  (unsigned long long)missing);
+
+	/* Push every missing page, looking at the requests between small batches. */
+	uint64_t left = missing;
+	for (uint32_t sl = 0; sl < ps.nr_slots && r >= 0; sl++) {
+		uint64_t p = 0;
+		while (p < ps.npages[sl]) {
+			if (!((ps.bitmap[sl][p / 64] >> (p % 64)) & 1)) {
+				p++;
+				continue;
+			}
+			uint64_t q = p + 1;
+			while (q < ps.npages[sl] && q - p < POSTCOPY_PUSH_PAGES &&
+			       ((ps.bitmap[sl][q / 64] >> (q % 64)) & 1))
+				q++;
+			r = postcopy_serve(m, &ps, 0, fence);
+			if (r < 0)
+				goto out;
+			if (r == 1) {
+				r = mig_fail(m, -EPROTO, "postcopy: DONE before every page was sent");
+				goto out;
+			}
+			r = postcopy_send(m, sl, p, (uint32_t)(q - p), fence);
+			if (r < 0) {
+				r = mig_fail(m, r, "postcopy: lost the destination while pushing pages "
+						   "(%s); the VM cannot go on",
+					     strerror(-r));
+				goto out;
+			}
+			left -= q - p;
+			pthread_mutex_lock(&m->lock);
+			m->info.remaining_bytes = left * 4096ull;
+			pthread_mutex_unlock(&m->lock);
+			p = q;
+		}
+	}
+	r = proto_encode_postcopy_end(++*fence, &buf, &len);
+	/* An empty batch carries the fence on every stream: the end of the pushed pages. */
+	if (r == 0)
+		r = xport_src_send(m->src, NULL, 0, *fence);
+	if ((r = send_msg(m, PROTO_POSTCOPY_END, r, buf, len)) < 0)
+		goto out;
+	for (;;) {
+		r = postcopy_serve(m, &ps, FENCE_TIMEOUT_MS, fence);
+		if (r < 0)
+			goto out;
+		if (r == 1)
+			break;
+	}
+	r = PROTO_DECIDED_RUN;
+out:
+	proto_postcopy_start_free(&ps);
+	free(b);
+	return r;
+}
+
 static void rebalance_locked(struct agent *a);
 
 static void source_job(struct migration *m)
@@ -1189,10 +1412,22 @@ static void source_job(struct migration *m)
 	r = source_precopy(m, t, &fence);
 	if (r < 0)
 		goto out_fail;
-	r = source_switchover(m, vm, t, &fence, &t_pause);
+	if (r == 2) {
+		r = source_postcopy(m, vm, t, &fence, &t_pause);
+		if (r < 0 && m->committed) {
+			/* Past POSTCOPY_START: never resume; the error says what happened. */
+			tracker_stop(t);
+			release_vm_hold(m);
+			set_state(m, MIG_FAILED);
+			return;
+		}
+	} else {
+		r = source_switchover(m, vm, t, &fence, &t_pause);
+	}
 	if (r == PROTO_DECIDED_RUN) {
 		pthread_mutex_lock(&m->lock);
-		m->info.downtime_ms = (agent_mono_ns() - t_pause) / 1000000ull;
+		if (!m->postcopy)
+			m->info.downtime_ms = (agent_mono_ns() - t_pause) / 1000000ull;
 		m->info.error[0] = '\0';
 		/* The destination commits a verified migration only when the digests matched. */
 		m->info.verified = m->info.verify;
@@ -1415,6 +1650,111 @@ static void dest_discard(struct migration *m)
 	agent_vm_remove(m->a, m->vm);
 }
 
+/* The fault thread's request: a PAGE_REQ on the control channel (its sends are locked). */
+static int dest_request_pages(void *arg, uint32_t slot, uint64_t first_page, uint32_t npages)
+{
+	struct migration *m = arg;
+	struct proto_page_req rq = {.slot = slot, .first_page = first_page, .npages = npages};
+	void *buf = NULL;
+	size_t len = 0;
+	int r = proto_encode_page_req(&rq, &buf, &len);
+	if (r == 0)
+		r = xctl_send(m->ctl, PROTO_PAGE_REQ, buf, len);
+	free(buf);
+	return r;
+}
+
+/*
+ * POSTCOPY_START: the last precopy pages are in, the state too. Drop the stale pages, make
+ * the receivers place pages through userfaultfd, restore, decide RUN durably, run the VM
+ * and tell the source. 0 when running; < 0 with the migration failed (nothing ran).
+ */
+static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
+			       const void *state_blob, size_t state_len)
+{
+	struct agent *a = m->a;
+	struct vm *vm = m->vm->vm;
+	struct proto_postcopy_start ps;
+	char err[256] = "";
+	int r = proto_decode_postcopy_start(p, len, &ps, err, sizeof(err));
+	if (r < 0)
+		return mig_fail(m, r, "bad POSTCOPY_START: %s", err);
+	if (ps.nr_slots != vm_nr_slots(vm)) {
+		proto_postcopy_start_free(&ps);
+		return mig_fail(m, -EPROTO, "POSTCOPY_START for %u memslots, the VM has %u",
+				ps.nr_slots, vm_nr_slots(vm));
+	}
+	r = xport_dst_wait_fence(m->dst, ps.fence, FENCE_TIMEOUT_MS);
+	if (r < 0) {
+		proto_postcopy_start_free(&ps);
+		return mig_fail(m, r, "last precopy pages did not arrive: %s",
+				xport_dst_error(m->dst));
+	}
+	if (!state_blob) {
+		proto_postcopy_start_free(&ps);
+		return mig_fail(m, -EPROTO, "no STATE before POSTCOPY_START");
+	}
+	struct postcopy_dst_config pcfg = {.request = dest_request_pages, .arg = m,
+					   .prefetch_pages = 15};
+	struct postcopy_dst *pc = NULL;
+	r = postcopy_dst_new(vm, &pcfg, &pc, err, sizeof(err));
+	for (uint32_t i = 0; r == 0 && i < ps.nr_slots; i++) {
+		if (ps.npages[i] != vm_slot(vm, i)->size / 4096)
+			r = -EPROTO, snprintf(err, sizeof(err), "slot %u: %llu pages, not %llu", i,
+					      (unsigned long long)ps.npages[i],
+					      (unsigned long long)(vm_slot(vm, i)->size / 4096));
+		else
+			r = postcopy_dst_discard(pc, i, ps.bitmap[i], ps.npages[i]);
+	}
+	for (uint32_t i = 0; r == 0 && i < ps.nr_slots; i++)
+		r = xport_dst_set_uffd(m->dst, i, postcopy_dst_uffd(pc));
+	proto_postcopy_start_free(&ps);
+	struct vm_error verr = {{0}};
+	if (r == 0 && (r = vm_state_restore(vm, state_blob, state_len, &verr)) < 0)
+		snprintf(err, sizeof(err), "vCPU state refused: %s", verr.msg);
+	if (r < 0) {
+		postcopy_dst_free(pc);
+		return mig_fail(m, r, "postcopy set-up: %s", err[0] ? err : strerror(-r));
+	}
+	m->pc = pc;
+	set_state(m, MIG_DEST_READY);
+	if (decide(m, PROTO_DECIDED_RUN) != PROTO_DECIDED_RUN)
+		return mig_fail(m, -ECANCELED, "discarded before the decision");
+	r = record_decision(m, PROTO_DECIDED_RUN);
+	if (r < 0) {
+		pthread_mutex_lock(&m->lock);
+		m->decision = PROTO_DECIDED_NOT_RUN;
+		pthread_mutex_unlock(&m->lock);
+		return mig_fail(m, r, "cannot record the decision durably in %s: %s",
+				a->cfg.state_dir, strerror(-r));
+	}
+	pthread_mutex_lock(&m->vm->op_lock);
+	r = vm_start(vm);
+	pthread_mutex_unlock(&m->vm->op_lock);
+	pthread_mutex_lock(&m->lock);
+	m->postcopy = true;
+	pthread_mutex_unlock(&m->lock);
+	set_state(m, MIG_POSTCOPY);
+	send_msg(m, PROTO_POSTCOPY_RUNNING, 0, NULL, 0); /* the source asks if it is lost */
+	return 0;
+}
+
+/* The source's connection is gone (or broke the protocol) during postcopy: the VM cannot
+ * get its missing pages. Stop it and say so; it is destroyed with the migration. */
+static void dest_postcopy_lost(struct migration *m, const char *why)
+{
+	uint64_t missing = m->pc ? postcopy_dst_remaining(m->pc) : 0;
+	char msg[256];
+	snprintf(msg, sizeof(msg), "postcopy: %.160s with %llu pages missing; the VM cannot go on",
+		 why, (unsigned long long)missing);
+	if (m->pc)
+		postcopy_dst_fail(m->pc, msg);
+	pthread_mutex_lock(&m->lock);
+	memcpy(m->info.error, msg, sizeof(m->info.error));
+	pthread_mutex_unlock(&m->lock);
+	agent_log(m->a, LOG_ERROR, "migration %llu: %s", (unsigned long long)m->id, msg);
+}
+
 static void dest_job(struct migration *m)
 {
 	struct agent *a = m->a;
@@ -1503,9 +1843,14 @@ static void dest_job(struct migration *m)
 		err[0] = '\0';
 		r = xctl_recv(m->ctl, &type, &buf, &len, DEST_IDLE_TIMEOUT_MS, err, sizeof(err));
 		if (r < 0) {
-			mig_fail(m, r, "source %s: %s%s%s", xctl_peer(m->ctl),
+			char lost[200];
+			snprintf(lost, sizeof(lost), "source %s: %s%s%.100s", xctl_peer(m->ctl),
 				 r == -ECONNRESET ? "connection closed" : strerror(-r),
 				 err[0] ? ": " : "", err);
+			if (m->pc)
+				dest_postcopy_lost(m, lost);
+			else
+				mig_fail(m, r, "%s", lost);
 			break;
 		}
 		uint64_t fence = 0;
@@ -1616,6 +1961,46 @@ static void dest_job(struct migration *m)
 			agent_vm_put(a, m->vm);
 			m->vm = NULL;
 			return;
+		} else if (type == PROTO_POSTCOPY_START && !m->pc) {
+			r = dest_postcopy_start(m, buf, len, state_blob, state_len);
+			free(buf);
+			buf = NULL;
+			if (r < 0) {
+				send_abort(m, PROTO_E_STATE, m->info.error);
+				break;
+			}
+			continue;
+		} else if (type == PROTO_POSTCOPY_END && m->pc) {
+			uint64_t g = 0;
+			r = proto_decode_postcopy_end(buf, len, &g, err, sizeof(err));
+			free(buf);
+			buf = NULL;
+			if (r == 0)
+				r = xport_dst_wait_fence(m->dst, g, FENCE_TIMEOUT_MS);
+			if (r == 0 && !postcopy_dst_complete(m->pc))
+				r = -EPROTO, snprintf(err, sizeof(err), "%llu pages still missing",
+						      (unsigned long long)postcopy_dst_remaining(m->pc));
+			if (r < 0) {
+				dest_postcopy_lost(m, err[0] ? err : xport_dst_error(m->dst));
+				send_abort(m, PROTO_E_PROTOCOL, m->info.error);
+				break;
+			}
+			send_msg(m, PROTO_POSTCOPY_DONE, 0, NULL, 0);
+			drop_dst(m); /* receivers gone: nothing places pages any more */
+			postcopy_dst_free(m->pc);
+			m->pc = NULL;
+			release_vm_hold(m);
+			free(state_blob);
+			free(dig);
+			pthread_mutex_lock(&m->lock);
+			m->info.error[0] = '\0';
+			pthread_mutex_unlock(&m->lock);
+			agent_event(a, "vm.created", "\"vm\":\"%s\",\"reason\":\"migrated\"",
+				    m->info.vm);
+			set_state(m, MIG_COMPLETED);
+			agent_vm_put(a, m->vm);
+			m->vm = NULL;
+			return;
 		} else if (type == PROTO_ABORT) {
 			struct proto_refuse ab;
 			if (proto_decode_refuse(buf, len, &ab, err, sizeof(err)) == 0)
@@ -1661,6 +2046,11 @@ fail:
 	if (decide(m, PROTO_DECIDED_NOT_RUN) == PROTO_DECIDED_NOT_RUN)
 		record_decision(m, PROTO_DECIDED_NOT_RUN);
 	drop_dst(m);
+	if (m->pc) {
+		/* Postcopy lost: the VM ran here but can never get its pages; it goes. */
+		postcopy_dst_free(m->pc);
+		m->pc = NULL;
+	}
 	if (m->vm) {
 		dest_discard(m);
 		agent_vm_put(a, m->vm);
@@ -1985,7 +2375,8 @@ static int request(struct agent *a, uint64_t id, bool cancel, struct agent_error
 		r = agent_err(err, -EALREADY, "conflict", "migration %llu already %s",
 			      (unsigned long long)id, migration_state_name(m->info.state));
 	else if (m->committed || m->info.state == MIG_COMMITTING ||
-		 m->info.state == MIG_UNCERTAIN || m->info.state == MIG_DEST_READY)
+		 m->info.state == MIG_UNCERTAIN || m->info.state == MIG_DEST_READY ||
+		 m->info.state == MIG_POSTCOPY)
 		r = agent_err(err, -EBUSY, "conflict",
 			      "migration %llu is committing; the destination decides now",
 			      (unsigned long long)id);

@@ -15,16 +15,17 @@ ferry_check_kvm
 jobs=$(nproc)
 logdir="$top/build/test-logs"
 
-run_suite() { # name builddir cmake-args...
-  local name=$1 dir=$2
-  shift 2
+run_suite() { # name builddir ctest-label-exclude cmake-args...
+  local name=$1 dir=$2 exclude=$3
+  shift 3
   echo "==== [$name] configure and build in $dir"
   cmake -S "$top" -B "$dir" -DFERRY_WERROR=ON "$@" >/dev/null
   cmake --build "$dir" -j"$jobs" >"$dir.build.log" 2>&1 || { cat "$dir.build.log"; return 1; }
   echo "==== [$name] ctest"
   mkdir -p "$logdir"
   local rc=0
-  ctest --test-dir "$dir" --output-on-failure --timeout 900 2>&1 | tee "$logdir/$name.log" || rc=$?
+  ctest --test-dir "$dir" --output-on-failure --timeout 900 ${exclude:+-LE "$exclude"} 2>&1 |
+    tee "$logdir/$name.log" || rc=$?
   if [ "$rc" -ne 0 ]; then
     echo "==== [$name] FAILED"
     return "$rc"
@@ -36,6 +37,8 @@ run_suite() { # name builddir cmake-args...
 }
 
 start=$(date +%s)
-run_suite release "$top/build" -DCMAKE_BUILD_TYPE=RelWithDebInfo
-run_suite asan "$top/build-asan" -DCMAKE_BUILD_TYPE=Debug -DFERRY_SANITIZE=ON
+run_suite release "$top/build" "" -DCMAKE_BUILD_TYPE=RelWithDebInfo
+# The Soft-RoCE VM tier (label rdma) runs once, with the release build: under software
+# emulation the sanitised binaries would only slow it past its time limits.
+run_suite asan "$top/build-asan" rdma -DCMAKE_BUILD_TYPE=Debug -DFERRY_SANITIZE=ON
 echo "==== all suites passed in $(( $(date +%s) - start ))s"

@@ -56,6 +56,11 @@ const char *proto_type_name(uint16_t type)
 	case PROTO_STREAM_HELLO: return "stream_hello";
 	case PROTO_PAGES: return "pages";
 	case PROTO_FENCE: return "fence";
+	case PROTO_POSTCOPY_START: return "postcopy_start";
+	case PROTO_POSTCOPY_RUNNING: return "postcopy_running";
+	case PROTO_PAGE_REQ: return "page_req";
+	case PROTO_POSTCOPY_END: return "postcopy_end";
+	case PROTO_POSTCOPY_DONE: return "postcopy_done";
 	}
 	return "unknown";
 }
@@ -713,6 +718,132 @@ int proto_decode_committed(const void *p, size_t len, struct proto_committed *m,
 }
 
 /* ---------------- DECISION_REQ / DECISION ---------------- */
+
+/* ---------------- postcopy ---------------- */
+
+/* The largest slot a bitmap may describe: 16 TiB of 4 KiB pages. */
+#define POSTCOPY_MAX_SLOT_PAGES (1ull << 32)
+
+int proto_encode_postcopy_start(const struct proto_postcopy_start *m, void **ret,
+				size_t *ret_len)
+{
+	struct wire_writer w;
+
+	if (m->nr_slots == 0 || m->nr_slots > PROTO_MAX_SLOTS)
+		return -EINVAL;
+	for (uint32_t i = 0; i < m->nr_slots; i++)
+		if (m->npages[i] > POSTCOPY_MAX_SLOT_PAGES || !m->bitmap[i])
+			return -EINVAL;
+	wire_writer_init(&w);
+	wire_put_u64(&w, m->fence);
+	wire_put_u32(&w, m->nr_slots);
+	for (uint32_t i = 0; i < m->nr_slots; i++) {
+		wire_put_u64(&w, m->npages[i]);
+		for (uint64_t k = 0; k < (m->npages[i] + 63) / 64; k++)
+			wire_put_u64(&w, m->bitmap[i][k]);
+	}
+	return wire_writer_take(&w, ret, ret_len);
+}
+
+void proto_postcopy_start_free(struct proto_postcopy_start *m)
+{
+	for (uint32_t i = 0; i < PROTO_MAX_SLOTS; i++) {
+		free(m->bitmap[i]);
+		m->bitmap[i] = NULL;
+	}
+}
+
+int proto_decode_postcopy_start(const void *p, size_t len, struct proto_postcopy_start *m,
+				char *err, size_t errlen)
+{
+	struct wire_reader r;
+	struct proto_postcopy_start h;
+
+	memset(&h, 0, sizeof(h));
+	wire_reader_init(&r, p, len);
+	h.fence = wire_get_u64(&r);
+	h.nr_slots = wire_get_u32(&r);
+	if (!r.err && (h.nr_slots == 0 || h.nr_slots > PROTO_MAX_SLOTS))
+		return fail(err, errlen, "postcopy_start: %" PRIu32 " memslots", h.nr_slots);
+	for (uint32_t i = 0; i < h.nr_slots && !r.err; i++) {
+		h.npages[i] = wire_get_u64(&r);
+		uint64_t words = (h.npages[i] + 63) / 64;
+		/* Bounded by what is left in the frame before anything is allocated. */
+		if (r.err || h.npages[i] > POSTCOPY_MAX_SLOT_PAGES || words > len / 8) {
+			proto_postcopy_start_free(&h);
+			return fail(err, errlen, "postcopy_start: slot %" PRIu32 " bitmap of %" PRIu64
+				    " pages does not fit the frame", i, h.npages[i]);
+		}
+		h.bitmap[i] = calloc(words ? words : 1, sizeof(uint64_t));
+		if (!h.bitmap[i]) {
+			proto_postcopy_start_free(&h);
+			return -ENOMEM;
+		}
+		for (uint64_t k = 0; k < words; k++)
+			h.bitmap[i][k] = wire_get_u64(&r);
+	}
+	int rc = finish(&r, "postcopy_start", err, errlen);
+	if (rc) {
+		proto_postcopy_start_free(&h);
+		return rc;
+	}
+	*m = h;
+	return 0;
+}
+
+int proto_encode_page_req(const struct proto_page_req *m, void **ret, size_t *ret_len)
+{
+	struct wire_writer w;
+
+	wire_writer_init(&w);
+	wire_put_u32(&w, m->slot);
+	wire_put_u64(&w, m->first_page);
+	wire_put_u32(&w, m->npages);
+	return wire_writer_take(&w, ret, ret_len);
+}
+
+int proto_decode_page_req(const void *p, size_t len, struct proto_page_req *m, char *err,
+			  size_t errlen)
+{
+	struct wire_reader r;
+	struct proto_page_req h = {0};
+
+	wire_reader_init(&r, p, len);
+	h.slot = wire_get_u32(&r);
+	h.first_page = wire_get_u64(&r);
+	h.npages = wire_get_u32(&r);
+	int rc = finish(&r, "page_req", err, errlen);
+	if (rc)
+		return rc;
+	if (h.slot >= PROTO_MAX_SLOTS || h.npages == 0 || h.npages > PROTO_PAGES_MAX)
+		return fail(err, errlen, "page_req: slot %" PRIu32 ", %" PRIu32 " pages", h.slot,
+			    h.npages);
+	*m = h;
+	return 0;
+}
+
+int proto_encode_postcopy_end(uint64_t fence, void **ret, size_t *ret_len)
+{
+	struct wire_writer w;
+
+	wire_writer_init(&w);
+	wire_put_u64(&w, fence);
+	return wire_writer_take(&w, ret, ret_len);
+}
+
+int proto_decode_postcopy_end(const void *p, size_t len, uint64_t *fence, char *err,
+			      size_t errlen)
+{
+	struct wire_reader r;
+
+	wire_reader_init(&r, p, len);
+	uint64_t f = wire_get_u64(&r);
+	int rc = finish(&r, "postcopy_end", err, errlen);
+	if (rc)
+		return rc;
+	*fence = f;
+	return 0;
+}
 
 int proto_encode_vm_accept(const struct proto_vm_accept *m, void **ret, size_t *ret_len)
 {

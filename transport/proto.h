@@ -58,6 +58,11 @@ enum proto_type {
 	PROTO_ABORT = 10,
 	PROTO_DECISION_REQ = 11,
 	PROTO_DECISION = 12,
+	PROTO_POSTCOPY_START = 13, /* src: run there now; these pages are missing */
+	PROTO_POSTCOPY_RUNNING = 14, /* dst: decided RUN, the VM runs, faults are served */
+	PROTO_PAGE_REQ = 15,       /* dst: send these pages first (a vCPU waits on them) */
+	PROTO_POSTCOPY_END = 16,   /* src: every missing page went before this fence */
+	PROTO_POSTCOPY_DONE = 17,  /* dst: every page is here; the source may let go */
 	PROTO_STREAM_HELLO = 32,
 	PROTO_PAGES = 33,
 	PROTO_FENCE = 34,
@@ -225,6 +230,36 @@ int proto_decode_commit_req(const void *p, size_t len, struct proto_commit_req *
 int proto_encode_committed(const struct proto_committed *m, void **ret, size_t *ret_len);
 int proto_decode_committed(const void *p, size_t len, struct proto_committed *m, char *err,
 			   size_t errlen);
+/*
+ * POSTCOPY_START: sent after STATE. fence closes the last precopy pages; for each memslot,
+ * the pages the destination must not use as they are (dirtied since sent, or never sent):
+ * it drops them and fetches them on demand. Bit i of slot s = page i of slot s.
+ */
+struct proto_postcopy_start {
+	uint64_t fence;
+	uint32_t nr_slots;
+	uint64_t npages[PROTO_MAX_SLOTS];
+	uint64_t *bitmap[PROTO_MAX_SLOTS]; /* decode: malloc'd, (npages + 63) / 64 words */
+};
+int proto_encode_postcopy_start(const struct proto_postcopy_start *m, void **ret,
+				size_t *ret_len);
+int proto_decode_postcopy_start(const void *p, size_t len, struct proto_postcopy_start *m,
+				char *err, size_t errlen);
+void proto_postcopy_start_free(struct proto_postcopy_start *m); /* the bitmaps */
+
+struct proto_page_req {
+	uint32_t slot;
+	uint64_t first_page;
+	uint32_t npages; /* 1..PROTO_PAGES_MAX */
+};
+int proto_encode_page_req(const struct proto_page_req *m, void **ret, size_t *ret_len);
+int proto_decode_page_req(const void *p, size_t len, struct proto_page_req *m, char *err,
+			  size_t errlen);
+/* POSTCOPY_END carries the fence closing the pushed pages (u64). */
+int proto_encode_postcopy_end(uint64_t fence, void **ret, size_t *ret_len);
+int proto_decode_postcopy_end(const void *p, size_t len, uint64_t *fence, char *err,
+			      size_t errlen);
+
 /*
  * VM_ACCEPT: empty for the TCP data path; with RDMA chosen in WELCOME, the port (u16) of
  * the destination's RDMA listener on the address the control connection reached.

@@ -20,6 +20,8 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <linux/userfaultfd.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -545,12 +547,34 @@ static void src_free(struct xport_src *base)
 	free(x);
 }
 
+/* Every stream's unacknowledged bytes (SIOCOUTQ) reach 0, polled each millisecond. */
+static int src_drain(struct xport_src *base, int timeout_ms)
+{
+	struct tcp_src *x = to_src(base);
+	int64_t deadline = tcp_now_ms() + timeout_ms;
+
+	for (unsigned i = 0; i < x->nr_streams; i++) {
+		for (;;) {
+			int q = 0;
+			if (x->streams[i].fd < 0 || ioctl(x->streams[i].fd, SIOCOUTQ, &q) < 0 || q <= 0)
+				break;
+			if (atomic_load(&x->cancelled))
+				return -ECANCELED;
+			if (tcp_now_ms() >= deadline)
+				return -ETIMEDOUT;
+			usleep(1000);
+		}
+	}
+	return 0;
+}
+
 static const struct xport_src_ops tcp_src_ops = {
 	.name = "tcp",
 	.send = src_send,
 	.set_bandwidth = src_set_bandwidth,
 	.cancel = src_cancel,
 	.stats = src_stats,
+	.drain = src_drain,
 	.free = src_free,
 };
 

@@ -103,6 +103,13 @@ int xport_src_tcp_new(const struct xport_src_config *cfg, const char *hostport,
  * -ECANCELED after xport_src_cancel(); -EPIPE/-ECONNRESET when the peer went away.
  */
 int xport_src_send(struct xport_src *x, const struct page_run *runs, unsigned n, uint64_t fence);
+/*
+ * Waits until what was sent has left this host (TCP: every stream's send queue is empty,
+ * i.e. the peer acknowledged it), so that a send's duration measures the link, not how
+ * much the socket buffers absorbed. 0, or -ETIMEDOUT. RDMA: its sends complete only when
+ * the peer answered, nothing to wait for.
+ */
+int xport_src_drain(struct xport_src *x, int timeout_ms);
 /* Changes the bandwidth cap for the following sends (the scheduler's share). */
 void xport_src_set_bandwidth(struct xport_src *x, uint64_t bytes_per_sec);
 void xport_src_cancel(struct xport_src *x);

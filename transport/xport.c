@@ -35,6 +35,11 @@ int xctl_addrs(const struct xctl *c, char *local_ip, char *peer_ip, size_t len)
 	return c->ops->addrs ? c->ops->addrs(c, local_ip, peer_ip, len) : -EOPNOTSUPP;
 }
 
+int xport_src_drain(struct xport_src *x, int timeout_ms)
+{
+	return x->ops->drain ? x->ops->drain(x, timeout_ms) : 0;
+}
+
 void xctl_free(struct xctl *c)
 {
 	if (c)

@@ -43,6 +43,7 @@ struct xport_src_ops {
 	void (*set_bandwidth)(struct xport_src *x, uint64_t bytes_per_sec);
 	void (*cancel)(struct xport_src *x);
 	void (*stats)(const struct xport_src *x, struct xport_src_stats *ret);
+	int (*drain)(struct xport_src *x, int timeout_ms); /* optional: NULL = nothing queued */
 	void (*free)(struct xport_src *x);
 };
 

@@ -73,13 +73,13 @@ stop_agent host-a
 stop_agent host-b
 
 # ---------------------------------------------------------------- 2. throttling
-# 80 Mbit/s (10 MB/s) between two namespaces; the dirtier writes a 32 MiB working set at
+# 80 Mbit/s (10 MB/s) between two namespaces; the dirtier writes a 16 MiB working set at
 # tens of MB/s: precopy alone cannot converge.
 ns1=ferry-s1-$$ ns2=ferry-s2-$$
 if veth_hosts "$ns1" "$ns2" 10.78.0.1 10.78.0.2 80mbit; then
   start_agent host-a 10.78.0.1:7101 "$ns1"
   start_agent host-b 10.78.0.2:7102 "$ns2"
-  dirtier host-a hot 512M wss=32M pattern=random
+  dirtier host-a hot 512M wss=8M pattern=random
   wait_passes host-a hot 1 60 >/dev/null
   id=$(ctl host-a --json migrate hot --to "${listen[host-b]}" --downtime 300 | jq -r .id)
   check "throttle: the scheduler throttles the stalled migration" wait_decision host-a "$id" throttle 120
@@ -100,6 +100,7 @@ if veth_hosts "$ns1" "$ns2" 10.78.0.1 10.78.0.2 80mbit; then
     ctl host-b migration cancel "$id" >/dev/null
     check "throttle: cancelled" wait_mig_state host-b "$id" cancelled 30
     check "throttle: lifted after cancel" bash -c "[ \"\$1\" = 0 ]" _ "$(throttle_of host-b hot)"
+    check "throttle: the destination discarded its copy" wait_no_vms host-a
     check "throttle: the guest runs on host-b" running host-b hot
   else
     not_ok "throttle (way back): never throttled"

@@ -9,6 +9,7 @@
 bin=${FERRY_BIN:?FERRY_BIN is not set: run this through tests/rdma/run-vm.sh}
 work=$(mktemp -d /tmp/ferry-rdma.XXXXXX)
 fails=0
+pids=""
 ok() { echo "ok - $*"; }
 not_ok() { echo "not ok - $*"; fails=$((fails + 1)); }
 
@@ -24,6 +25,7 @@ migration:
   streams: 2
 EOC
 	"$bin/agent/ferryd" --config "$work/$1.yaml" >"$work/$1.log" 2>&1 &
+	pids="$pids $!"
 	i=0
 	while [ $i -lt 100 ] && ! "$bin/agent/ferryctl" --socket "$work/$1.sock" health >/dev/null 2>&1; do
 		sleep 0.1
@@ -67,7 +69,7 @@ ctl a vm create mc --memory 64M --vcpus 2 --guest memcheck --param wss=256K >/de
 if wait_passes a mc 1 120; then ok "memcheck runs on a"; else not_ok "memcheck never made a pass"; fi
 move a b auto 10.77.0.2
 move b a rdma 10.77.0.1
-kill %1 %2 2>/dev/null
+kill $pids 2>/dev/null
 wait
 rm -rf "$work"
 echo "$fails failed"
