@@ -806,8 +806,9 @@ int proto_decode_page_req(const void *p, size_t len, struct proto_page_req *m, c
 			  size_t errlen)
 {
 	struct wire_reader r;
-	struct proto_page_req h = {0};
+	struct proto_page_req h;
 
+	memset(&h, 0, sizeof(h)); /* padding too: decoded structs compare with memcmp */
 	wire_reader_init(&r, p, len);
 	h.slot = wire_get_u32(&r);
 	h.first_page = wire_get_u64(&r);
@@ -818,7 +819,7 @@ int proto_decode_page_req(const void *p, size_t len, struct proto_page_req *m, c
 	if (h.slot >= PROTO_MAX_SLOTS || h.npages == 0 || h.npages > PROTO_PAGES_MAX)
 		return fail(err, errlen, "page_req: slot %" PRIu32 ", %" PRIu32 " pages", h.slot,
 			    h.npages);
-	*m = h;
+	memcpy(m, &h, sizeof(h));
 	return 0;
 }
 
@@ -859,10 +860,11 @@ int proto_decode_vm_accept(const void *p, size_t len, struct proto_vm_accept *m,
 			   size_t errlen)
 {
 	struct wire_reader r;
-	struct proto_vm_accept h = {0};
+	struct proto_vm_accept h;
 
+	memset(&h, 0, sizeof(h));
 	if (len == 0) {
-		*m = h;
+		memcpy(m, &h, sizeof(h));
 		return 0;
 	}
 	wire_reader_init(&r, p, len);
@@ -872,7 +874,7 @@ int proto_decode_vm_accept(const void *p, size_t len, struct proto_vm_accept *m,
 		return rc;
 	if (!h.rdma_port)
 		return fail(err, errlen, "vm_accept: RDMA port 0");
-	*m = h;
+	memcpy(m, &h, sizeof(h));
 	return 0;
 }
 

@@ -91,6 +91,83 @@ static struct proto_vm_offer good_offer(void)
 
 /* ---------------- names ---------------- */
 
+/* Postcopy messages: round trips and every bound. */
+static void test_postcopy_msgs(void **state)
+{
+	(void)state;
+	char err[256];
+	void *buf = NULL;
+	size_t len = 0;
+	struct proto_page_req rq = {.slot = 3, .first_page = 77, .npages = 16}, rq2;
+	assert_int_equal(proto_encode_page_req(&rq, &buf, &len), 0);
+	assert_int_equal(proto_decode_page_req(buf, len, &rq2, err, sizeof(err)), 0);
+	assert_int_equal(rq2.slot, 3);
+	assert_int_equal(rq2.first_page, 77);
+	assert_int_equal(rq2.npages, 16);
+	free(buf);
+	struct proto_page_req bad[] = {{.slot = 64, .npages = 1}, {.slot = 0, .npages = 0},
+				       {.slot = 0, .npages = PROTO_PAGES_MAX + 1}};
+	for (unsigned i = 0; i < 3; i++) {
+		assert_int_equal(proto_encode_page_req(&bad[i], &buf, &len), 0);
+		assert_int_equal(proto_decode_page_req(buf, len, &rq2, err, sizeof(err)), -EBADMSG);
+		assert_non_null(strstr(err, "page_req"));
+		free(buf);
+	}
+
+	uint64_t bits0[2] = {0x5, 0x1}, bits1[1] = {0xff};
+	struct proto_postcopy_start ps = {.fence = 9, .nr_slots = 2, .npages = {65, 8},
+					  .bitmap = {bits0, bits1}};
+	assert_int_equal(proto_encode_postcopy_start(&ps, &buf, &len), 0);
+	assert_int_equal(len, 8 + 4 + (8 + 16) + (8 + 8));
+	struct proto_postcopy_start d;
+	assert_int_equal(proto_decode_postcopy_start(buf, len, &d, err, sizeof(err)), 0);
+	assert_int_equal(d.fence, 9);
+	assert_int_equal(d.nr_slots, 2);
+	assert_int_equal(d.npages[0], 65);
+	assert_int_equal(d.bitmap[0][0], 0x5);
+	assert_int_equal(d.bitmap[0][1], 0x1);
+	assert_int_equal(d.bitmap[1][0], 0xff);
+	proto_postcopy_start_free(&d);
+	/* Every truncation is refused, and a bitmap claiming more than the frame holds. */
+	for (size_t cut = 0; cut < len; cut++)
+		assert_int_equal(proto_decode_postcopy_start(buf, cut, &d, err, sizeof(err)),
+				 -EBADMSG);
+	free(buf);
+	uint64_t huge_bits[1] = {0};
+	struct proto_postcopy_start lie = {.fence = 1, .nr_slots = 1, .npages = {1ull << 30},
+					   .bitmap = {huge_bits}};
+	struct wire_writer w;
+	wire_writer_init(&w);
+	wire_put_u64(&w, lie.fence);
+	wire_put_u32(&w, 1);
+	wire_put_u64(&w, lie.npages[0]);
+	wire_put_u64(&w, 0);
+	buf = take(&w, &len);
+	assert_int_equal(proto_decode_postcopy_start(buf, len, &d, err, sizeof(err)), -EBADMSG);
+	assert_non_null(strstr(err, "does not fit"));
+	free(buf);
+	struct proto_postcopy_start none = {.fence = 1, .nr_slots = 0};
+	assert_int_equal(proto_encode_postcopy_start(&none, &buf, &len), -EINVAL);
+
+	uint64_t f = 0;
+	assert_int_equal(proto_encode_postcopy_end(42, &buf, &len), 0);
+	assert_int_equal(proto_decode_postcopy_end(buf, len, &f, err, sizeof(err)), 0);
+	assert_int_equal(f, 42);
+	free(buf);
+
+	struct proto_vm_accept acc = {.rdma_port = 4791}, acc2;
+	assert_int_equal(proto_encode_vm_accept(&acc, &buf, &len), 0);
+	assert_int_equal(len, 2);
+	assert_int_equal(proto_decode_vm_accept(buf, len, &acc2, err, sizeof(err)), 0);
+	assert_int_equal(acc2.rdma_port, 4791);
+	free(buf);
+	assert_int_equal(proto_decode_vm_accept(NULL, 0, &acc2, err, sizeof(err)), 0);
+	assert_int_equal(acc2.rdma_port, 0);
+	uint8_t zero_port[2] = {0, 0}, three[3] = {1, 2, 3};
+	assert_int_equal(proto_decode_vm_accept(zero_port, 2, &acc2, err, sizeof(err)), -EBADMSG);
+	assert_int_equal(proto_decode_vm_accept(three, 3, &acc2, err, sizeof(err)), -EBADMSG);
+}
+
 static void test_names(void **state)
 {
 	(void)state;
@@ -102,7 +179,8 @@ static void test_names(void **state)
 	assert_string_equal(proto_type_name(PROTO_PAGES), "pages");
 	assert_string_equal(proto_type_name(PROTO_FENCE), "fence");
 	assert_string_equal(proto_type_name(0), "unknown");
-	assert_string_equal(proto_type_name(13), "unknown");
+	assert_string_equal(proto_type_name(PROTO_PAGE_REQ), "page_req");
+	assert_string_equal(proto_type_name(18), "unknown");
 	assert_string_equal(proto_type_name(35), "unknown");
 	assert_string_equal(proto_type_name(0xffff), "unknown");
 
@@ -146,7 +224,7 @@ static void test_hdr(void **state)
 	proto_hdr_encode(b, PROTO_FENCE, 8);
 	b[0] = 'f';
 	assert_int_equal(proto_hdr_decode(b, PROTO_MAX_PAYLOAD, &h), -EBADMSG);
-	proto_hdr_encode(b, 13, 8);
+	proto_hdr_encode(b, 18, 8);
 	assert_int_equal(proto_hdr_decode(b, PROTO_MAX_PAYLOAD, &h), -EBADMSG);
 	proto_hdr_encode(b, 0, 8);
 	assert_int_equal(proto_hdr_decode(b, PROTO_MAX_PAYLOAD, &h), -EBADMSG);
@@ -1025,6 +1103,7 @@ int main(void)
 		cmocka_unit_test(test_pages_rules),
 		cmocka_unit_test(test_all_cuts),
 		cmocka_unit_test(test_encoders_refuse),
+		cmocka_unit_test(test_postcopy_msgs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
