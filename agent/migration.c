@@ -1728,14 +1728,20 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 		return mig_fail(m, r, "cannot record the decision durably in %s: %s",
 				a->cfg.state_dir, strerror(-r));
 	}
-	pthread_mutex_lock(&m->vm->op_lock);
-	r = vm_start(vm);
-	pthread_mutex_unlock(&m->vm->op_lock);
+	/*
+	 * RUNNING goes before the VM starts: its first faults send PAGE_REQs, which must not
+	 * overtake it on the control channel. (If it is lost, the source asks.)
+	 */
+	send_msg(m, PROTO_POSTCOPY_RUNNING, 0, NULL, 0);
 	pthread_mutex_lock(&m->lock);
 	m->postcopy = true;
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
-	send_msg(m, PROTO_POSTCOPY_RUNNING, 0, NULL, 0); /* the source asks if it is lost */
+	pthread_mutex_lock(&m->vm->op_lock);
+	r = vm_start(vm);
+	pthread_mutex_unlock(&m->vm->op_lock);
+	if (r < 0)
+		return mig_fail(m, r, "postcopy: the VM did not start here: %s", strerror(-r));
 	return 0;
 }
 
