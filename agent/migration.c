@@ -689,7 +689,7 @@ static int source_setup(struct migration *m, struct vm *vm)
 		if (r < 0)
 			return mig_fail(m, r, "opening RDMA queue pairs to %s port %u: %s", peer_ip,
 					acc.rdma_port, err);
-		snprintf(why, sizeof(why), "both agents have a usable RDMA device (%s -> %s)",
+		snprintf(why, sizeof(why), "both agents have a usable RDMA device (%.46s -> %.46s)",
 			 local_ip, peer_ip);
 	} else {
 		r = xport_src_tcp_new(&xc, m->req.dest, m->token, fds, sizes, o.nr_slots, &src,
@@ -702,7 +702,7 @@ static int source_setup(struct migration *m, struct vm *vm)
 	if (m->cancel)
 		xport_src_cancel(src);
 	snprintf(m->info.transport, sizeof(m->info.transport), "%s", xport_src_name(m->src));
-	snprintf(m->info.transport_reason, sizeof(m->info.transport_reason), "%s", why);
+	snprintf(m->info.transport_reason, sizeof(m->info.transport_reason), "%.127s", why);
 	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
@@ -872,6 +872,19 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		goto out;
 	}
 	policy_for(m, &m->policy);
+	if (m->policy.allow_postcopy && strcmp(xport_src_name(m->src), "rdma") == 0) {
+		/*
+		 * Postcopy needs the destination to place pages through userfaultfd; RDMA writes
+		 * land in the memory registered at set-up, which postcopy punches out. Until the
+		 * RDMA path places pages too, an RDMA migration stays precopy: a timeout whose
+		 * action was postcopy aborts instead.
+		 */
+		m->policy.allow_postcopy = false;
+		if (m->policy.timeout_action == SCHED_TIMEOUT_POSTCOPY)
+			m->policy.timeout_action = SCHED_TIMEOUT_ABORT;
+		agent_log(m->a, LOG_WARN, "migration %llu: postcopy is not available over RDMA; "
+			  "this migration stays precopy", (unsigned long long)m->id);
+	}
 	char perr[160];
 	r = sched_migration_new(&m->policy, nr_vcpus, &m->sched);
 	if (r < 0) {
@@ -1711,7 +1724,7 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 	proto_postcopy_start_free(&ps);
 	struct vm_error verr = {{0}};
 	if (r == 0 && (r = vm_state_restore(vm, state_blob, state_len, &verr)) < 0)
-		snprintf(err, sizeof(err), "vCPU state refused: %s", verr.msg);
+		snprintf(err, sizeof(err), "vCPU state refused: %.200s", verr.msg);
 	if (r < 0) {
 		postcopy_dst_free(pc);
 		return mig_fail(m, r, "postcopy set-up: %s", err[0] ? err : strerror(-r));
