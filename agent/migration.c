@@ -1171,7 +1171,7 @@ static int postcopy_send(struct migration *m, uint32_t slot, uint64_t first, uin
 /* Answers every PAGE_REQ waiting on the control channel (timeout 0 = only what is there).
  * Returns 1 when POSTCOPY_DONE arrived, 0 when nothing more is queued, < 0 on failure. */
 static int postcopy_serve(struct migration *m, const struct proto_postcopy_start *ps,
-			  int timeout_ms, uint64_t *fence)
+			  int timeout_ms, uint64_t *fence, bool all_sent)
 {
 	for (;;) {
 		uint16_t type = 0;
@@ -1201,6 +1201,13 @@ static int postcopy_serve(struct migration *m, const struct proto_postcopy_start
 					proto_type_name(type), err[0] ? ": " : "", err);
 		}
 		free(buf);
+		/*
+		 * After POSTCOPY_END every page went before its fence: a request still arriving
+		 * was sent before the destination saw them land, and the destination may already
+		 * have closed its streams (DONE follows). Nothing to send.
+		 */
+		if (all_sent)
+			continue;
 		r = postcopy_send(m, rq.slot, rq.first_page, rq.npages, fence);
 		if (r < 0)
 			return mig_fail(m, r, "postcopy: sending requested pages: %s", strerror(-r));
@@ -1328,7 +1335,7 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 			while (q < ps.npages[sl] && q - p < POSTCOPY_PUSH_PAGES &&
 			       ((ps.bitmap[sl][q / 64] >> (q % 64)) & 1))
 				q++;
-			r = postcopy_serve(m, &ps, 0, fence);
+			r = postcopy_serve(m, &ps, 0, fence, false);
 			if (r < 0)
 				goto out;
 			if (r == 1) {
@@ -1356,7 +1363,7 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	if ((r = send_msg(m, PROTO_POSTCOPY_END, r, buf, len)) < 0)
 		goto out;
 	for (;;) {
-		r = postcopy_serve(m, &ps, FENCE_TIMEOUT_MS, fence);
+		r = postcopy_serve(m, &ps, FENCE_TIMEOUT_MS, fence, true);
 		if (r < 0)
 			goto out;
 		if (r == 1)
