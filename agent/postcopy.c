@@ -13,6 +13,7 @@
  * without faulting, which is the same test the kernel makes before raising a MISSING fault.
  */
 #include "agent/postcopy.h"
+#include "transport/transport.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -36,7 +37,6 @@
 #define PAGE POSTCOPY_PAGE
 #define MSGS_PER_READ 64u
 /* Successive EAGAINs without progress before a placement gives up. */
-#define PLACE_SPINS 1000u
 /* How long postcopy_dst_fail lets the pause's kick work before it releases stuck vCPUs. */
 #define RELEASE_AFTER_MS 300
 
@@ -181,56 +181,6 @@ static int uffd_open(char *err, size_t errlen)
 	return e == ENOSYS ? -EOPNOTSUPP : -e;
 }
 
-/*
- * Places len bytes at dst: copies of src, or zero pages (src NULL). Counts the pages
- * installed and those already there (EEXIST: left alone, see postcopy.h).
- */
-static int uffd_place(int uffd, uint8_t *dst, const uint8_t *src, uint64_t len,
-		      uint64_t *ret_placed, uint64_t *ret_existing)
-{
-	uint64_t done = 0;
-	unsigned spins = 0;
-
-	while (done < len) {
-		int64_t res;
-		int r;
-
-		if (src) {
-			struct uffdio_copy c = {.dst = (uintptr_t)(dst + done),
-						.src = (uintptr_t)(src + done),
-						.len = len - done};
-			r = ioctl(uffd, UFFDIO_COPY, &c);
-			res = c.copy;
-		} else {
-			struct uffdio_zeropage z = {
-			    .range = {.start = (uintptr_t)(dst + done), .len = len - done}};
-			r = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
-			res = z.zeropage;
-		}
-		if (r == 0) {
-			*ret_placed += (len - done) / PAGE;
-			return 0;
-		}
-		int e = errno;
-		if (res > 0) { /* partly placed; go on from there */
-			*ret_placed += (uint64_t)res / PAGE;
-			done += (uint64_t)res;
-			spins = 0;
-			continue;
-		}
-		if (e == EEXIST) { /* the first page of the rest is here already */
-			(*ret_existing)++;
-			done += PAGE;
-			spins = 0;
-			continue;
-		}
-		if ((e == EAGAIN || e == EINTR) && ++spins < PLACE_SPINS)
-			continue;
-		return -e;
-	}
-	return 0;
-}
-
 /* Wakes threads waiting on [addr, addr + len): for pages that became present without a
  * placement that woke them. Harmless when nobody waits. */
 static void uffd_wake(int uffd, void *addr, uint64_t len)
@@ -283,7 +233,7 @@ static void release_page(struct postcopy_dst *d, uint8_t *pa)
 {
 	uint64_t placed = 0, existing = 0;
 
-	if (uffd_place(d->uffd, pa, NULL, PAGE, &placed, &existing) == 0 && existing)
+	if (xport_uffd_place(d->uffd, pa, NULL, PAGE, &placed, &existing) == 0 && existing)
 		uffd_wake(d->uffd, pa, PAGE);
 	atomic_fetch_add_explicit(&d->pages_released, placed, memory_order_relaxed);
 }
@@ -350,7 +300,7 @@ static void on_fault(struct postcopy_dst *d, uint64_t addr, int64_t now)
 	if (!test_bit(s->need, page)) {
 		/* Current here, a hole: precopy sent it as a zero page. */
 		uint64_t placed = 0, existing = 0;
-		if (uffd_place(d->uffd, pa, NULL, PAGE, &placed, &existing) == 0 && existing)
+		if (xport_uffd_place(d->uffd, pa, NULL, PAGE, &placed, &existing) == 0 && existing)
 			uffd_wake(d->uffd, pa, PAGE);
 		pthread_mutex_unlock(&d->lock);
 		atomic_fetch_add_explicit(&d->zero_fills, 1, memory_order_relaxed);
@@ -680,8 +630,8 @@ int postcopy_dst_place(struct postcopy_dst *d, uint32_t slot, uint64_t first_pag
 		while (j < npages && (zero_mask && ((zero_mask[j / 64] >> (j % 64)) & 1)) == zero)
 			j++;
 		size_t len = (size_t)(j - i) * PAGE;
-		r = uffd_place(d->uffd, s->hva + (first_page + i) * PAGE, zero ? NULL : src + at,
-			       len, &placed, &existing);
+		r = xport_uffd_place(d->uffd, s->hva + (first_page + i) * PAGE,
+				     zero ? NULL : src + at, len, &placed, &existing);
 		if (r == 0) {
 			for (uint32_t k = i; k < j; k++)
 				set_bit(s->here, first_page + k);

@@ -63,24 +63,6 @@
 #define CQ_ACK_BATCH 64u
 #define MIN_STRIPE_PAGES 64u
 #define RECV_WR_FLAG (1ull << 63)
-#define BUCKET_BURST_DIV 50
-#define BUCKET_MIN_BURST (256u << 10)
-
-static int64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static uint64_t mix64(uint64_t x)
-{
-	x += 0x9e3779b97f4a7c15ull;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-	return x ^ (x >> 31);
-}
 
 struct rdma_src;
 
@@ -135,8 +117,7 @@ struct src_qp {
 	 * This queue pair's share of the batch, written by the engine thread before it bumps
 	 * x->gen under x->lock and read here after seeing the new gen under the same lock.
 	 */
-	struct page_run *runs;
-	unsigned nr_runs, runs_cap;
+	struct xport_runs runs;
 	uint64_t fence;
 	unsigned gen_seen;
 	uint64_t b_pages, b_zero, b_bytes; /* counted for this batch's FENCE */
@@ -187,11 +168,7 @@ struct rdma_src {
 	unsigned nr_started;
 	int start_err;
 
-	/* The bandwidth cap, one bucket shared by all queue pairs: rate, tokens, last_ns. */
-	pthread_mutex_t bucket_lock;
-	uint64_t rate;
-	double tokens;
-	int64_t last_ns;
+	struct xport_bucket bucket; /* the bandwidth cap, shared by all queue pairs */
 
 	_Atomic uint64_t bytes, pages, zero_pages, batches;
 };
@@ -225,37 +202,6 @@ static void set_touched(struct rdma_src *x, uint32_t region, uint64_t page)
 }
 
 /* ---------------- bandwidth ---------------- */
-
-/* Takes `bytes` from the shared bucket and sleeps off any debt (abortable by a stop). */
-static int throttle(struct rdma_src *x, uint64_t bytes)
-{
-	int64_t wait_ns = 0;
-
-	pthread_mutex_lock(&x->bucket_lock);
-	if (x->rate) {
-		int64_t now = now_ns();
-		double burst = (double)x->rate / BUCKET_BURST_DIV;
-
-		if (burst < BUCKET_MIN_BURST)
-			burst = BUCKET_MIN_BURST;
-		x->tokens += (double)(now - x->last_ns) * (double)x->rate / 1e9;
-		if (x->tokens > burst)
-			x->tokens = burst;
-		x->last_ns = now;
-		x->tokens -= (double)bytes; /* debt: queue pairs line up behind each other */
-		if (x->tokens < 0)
-			wait_ns = (int64_t)(-x->tokens * 1e9 / (double)x->rate);
-	}
-	pthread_mutex_unlock(&x->bucket_lock);
-
-	if (wait_ns <= 0)
-		return 0;
-	struct pollfd pfd = { .fd = x->stop_fd, .events = POLLIN };
-	struct timespec ts = { .tv_sec = wait_ns / 1000000000, .tv_nsec = wait_ns % 1000000000 };
-	if (ppoll(&pfd, 1, &ts, NULL) > 0)
-		return -ECANCELED;
-	return 0;
-}
 
 /* ---------------- completions ---------------- */
 
@@ -596,7 +542,7 @@ static int consume(void *arg, const struct page_chunk *c)
 	if (!nspans)
 		return 0; /* nothing to write: the reader reuses the buffer at once */
 
-	r = throttle(x, write_pages * PAGE);
+	r = xport_bucket_take(&x->bucket, write_pages * PAGE, x->stop_fd);
 	if (r < 0)
 		return r;
 	for (unsigned k = 0; k < nspans; k++) {
@@ -648,8 +594,8 @@ static int qp_batch(struct src_qp *s)
 	if (r < 0)
 		return r;
 	s->b_pages = s->b_zero = s->b_bytes = 0;
-	if (s->nr_runs) {
-		r = pagereader_read_async(s->reader, s->runs, s->nr_runs, &sink);
+	if (s->runs.n) {
+		r = pagereader_read_async(s->reader, s->runs.v, s->runs.n, &sink);
 		if (r < 0)
 			return r;
 	}
@@ -911,71 +857,17 @@ static void *qp_main(void *arg)
 
 /* ---------------- the engine's calls ---------------- */
 
-static int runs_reserve(struct src_qp *s, unsigned want)
-{
-	if (want <= s->runs_cap)
-		return 0;
-	unsigned cap = s->runs_cap ? s->runs_cap : 64;
-	while (cap < want)
-		cap *= 2;
-	struct page_run *n = realloc(s->runs, (size_t)cap * sizeof(*n));
-	if (!n)
-		return -ENOMEM;
-	s->runs = n;
-	s->runs_cap = cap;
-	return 0;
-}
-
-/* Which queue pair carries stripe `stripe` of `region`: as tcp_data.c's stripe_stream(). */
-static unsigned stripe_qp(const struct rdma_src *x, uint32_t region, uint64_t stripe)
-{
-	uint64_t n = x->nr_qps, group = stripe / n;
-
-	if (n == 1)
-		return 0;
-	return (unsigned)((stripe % n + mix64(((uint64_t)region << 48) ^ group)) % n);
-}
-
-static int qp_append(struct src_qp *s, uint32_t region, uint64_t first, uint32_t npages)
-{
-	if (s->nr_runs) {
-		struct page_run *last = &s->runs[s->nr_runs - 1];
-		if (last->region == region && last->first_page + last->npages == first &&
-		    (uint64_t)last->npages + npages <= UINT32_MAX) {
-			last->npages += npages;
-			return 0;
-		}
-	}
-	int r = runs_reserve(s, s->nr_runs + 1);
-	if (r < 0)
-		return r;
-	s->runs[s->nr_runs++] = (struct page_run){ .region = region, .first_page = first,
-						   .npages = npages };
-	return 0;
-}
-
+/* Deals the batch's runs onto the queue pairs (xport_deal_runs) and sets their fence. */
 static int distribute(struct rdma_src *x, const struct page_run *runs, unsigned n,
 		      uint64_t fence)
 {
+	struct xport_runs *lanes[XPORT_MAX_STREAMS];
+
 	for (unsigned i = 0; i < x->nr_qps; i++) {
-		x->qps[i].nr_runs = 0;
+		lanes[i] = &x->qps[i].runs;
 		x->qps[i].fence = fence;
 	}
-	for (unsigned i = 0; i < n; i++) {
-		uint64_t p = runs[i].first_page, end = p + runs[i].npages;
-		while (p < end) {
-			uint64_t stripe = p / x->stripe_pages;
-			uint64_t e = (stripe + 1) * x->stripe_pages;
-			if (e > end)
-				e = end;
-			int r = qp_append(&x->qps[stripe_qp(x, runs[i].region, stripe)],
-					  runs[i].region, p, (uint32_t)(e - p));
-			if (r < 0)
-				return r;
-			p = e;
-		}
-	}
-	return 0;
+	return xport_deal_runs(runs, n, x->stripe_pages, lanes, x->nr_qps);
 }
 
 /* Runs one job on every queue pair thread and waits for all; first error wins. */
@@ -1033,17 +925,7 @@ static int src_send(struct xport_src *base, const struct page_run *runs, unsigne
 
 static void src_set_bandwidth(struct xport_src *base, uint64_t bytes_per_sec)
 {
-	struct rdma_src *x = to_src(base);
-
-	pthread_mutex_lock(&x->bucket_lock);
-	if (x->rate != bytes_per_sec) {
-		x->rate = bytes_per_sec;
-		x->tokens = (double)bytes_per_sec / BUCKET_BURST_DIV;
-		if (x->tokens < BUCKET_MIN_BURST)
-			x->tokens = BUCKET_MIN_BURST;
-		x->last_ns = now_ns();
-	}
-	pthread_mutex_unlock(&x->bucket_lock);
+	xport_bucket_set(&to_src(base)->bucket, bytes_per_sec);
 }
 
 static void src_cancel(struct xport_src *base)
@@ -1090,7 +972,7 @@ static void src_free(struct xport_src *base)
 				rdma_destroy_id(s->id);
 			if (s->ch)
 				rdma_destroy_event_channel(s->ch);
-			free(s->runs);
+			xport_runs_free(&s->runs);
 		}
 		free(x->qps);
 	}
@@ -1105,7 +987,7 @@ static void src_free(struct xport_src *base)
 		close(x->stop_fd);
 	pthread_cond_destroy(&x->done_cond);
 	pthread_cond_destroy(&x->work_cond);
-	pthread_mutex_destroy(&x->bucket_lock);
+	xport_bucket_destroy(&x->bucket);
 	pthread_mutex_destroy(&x->lock);
 	free(x->region_pages);
 	free(x);
@@ -1219,7 +1101,7 @@ int xport_src_rdma_new(const struct xport_src_config *cfg, const char *ip, uint1
 	memcpy(x->token, token, XPORT_TOKEN_LEN);
 	/* Locks first: src_free() destroys them whatever else got built. */
 	pthread_mutex_init(&x->lock, NULL);
-	pthread_mutex_init(&x->bucket_lock, NULL);
+	xport_bucket_init(&x->bucket);
 	pthread_cond_init(&x->work_cond, NULL);
 	pthread_cond_init(&x->done_cond, NULL);
 

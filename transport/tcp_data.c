@@ -22,7 +22,6 @@
 #include <fcntl.h>
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
-#include <linux/userfaultfd.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -52,24 +51,6 @@
 #define MAX_SPANS (PROTO_PAGES_MAX / 2 + 1)
 #define PAGES_HDR_MAX PROTO_PAGES_HDR_LEN(PROTO_PAGES_MAX)
 /* Token bucket: at most this much credit accumulates while idle (20 ms worth, >= 256 KiB). */
-#define BUCKET_BURST_DIV 50
-#define BUCKET_MIN_BURST (256u << 10)
-
-static int64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static uint64_t mix64(uint64_t x)
-{
-	x += 0x9e3779b97f4a7c15ull;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-	return x ^ (x >> 31);
-}
 
 static int set_blocking(int fd)
 {
@@ -97,8 +78,7 @@ struct src_stream {
 	 * x->gen under x->lock; this thread reads them after it saw the new gen under the same
 	 * lock, so the lock orders the two and they need no lock of their own.
 	 */
-	struct page_run *runs;
-	unsigned nr_runs, runs_cap;
+	struct xport_runs runs;
 	uint64_t fence;
 	unsigned gen_seen;
 
@@ -141,11 +121,7 @@ struct tcp_src {
 	unsigned nr_started;
 	int start_err;
 
-	/* The bandwidth cap, one bucket shared by all streams: rate, tokens, last_ns. */
-	pthread_mutex_t bucket_lock;
-	uint64_t rate; /* bytes/s, 0 = unlimited */
-	double tokens;
-	int64_t last_ns;
+	struct xport_bucket bucket; /* the bandwidth cap, shared by all streams */
 
 	_Atomic uint64_t bytes, pages, zero_pages, batches;
 };
@@ -200,38 +176,6 @@ static int src_sendv(struct src_stream *s, struct iovec *iov, size_t cnt, int fl
 }
 
 /* Takes `bytes` from the shared bucket and sleeps off any debt (abortable by a stop). */
-static int src_throttle(struct tcp_src *x, uint64_t bytes)
-{
-	int64_t wait_ns = 0;
-
-	pthread_mutex_lock(&x->bucket_lock);
-	if (x->rate) {
-		int64_t now = now_ns();
-		double burst = (double)x->rate / BUCKET_BURST_DIV;
-
-		if (burst < BUCKET_MIN_BURST)
-			burst = BUCKET_MIN_BURST;
-		x->tokens += (double)(now - x->last_ns) * (double)x->rate / 1e9;
-		if (x->tokens > burst)
-			x->tokens = burst;
-		x->last_ns = now;
-		/* Debt, not refusal: concurrent streams queue up behind each other's debt. */
-		x->tokens -= (double)bytes;
-		if (x->tokens < 0)
-			wait_ns = (int64_t)(-x->tokens * 1e9 / (double)x->rate);
-	}
-	pthread_mutex_unlock(&x->bucket_lock);
-
-	if (wait_ns <= 0)
-		return 0;
-	struct pollfd pfd = { .fd = x->stop_fd, .events = POLLIN };
-	struct timespec ts = { .tv_sec = wait_ns / 1000000000, .tv_nsec = wait_ns % 1000000000 };
-	int r = ppoll(&pfd, 1, &ts, NULL);
-	if (r > 0)
-		return -ECANCELED;
-	return 0; /* slept (an EINTR only shortens one sleep; the debt carries over) */
-}
-
 /* The page reader's consumer: one PAGES frame per chunk, sent from the registered buffer. */
 static int src_consume(void *arg, const struct page_chunk *c)
 {
@@ -274,7 +218,7 @@ static int src_consume(void *arg, const struct page_chunk *c)
 	s->iov[0].iov_len = PROTO_HDR_LEN + hl;
 
 	uint64_t total = PROTO_HDR_LEN + hl + data;
-	r = src_throttle(x, total);
+	r = xport_bucket_take(&x->bucket, total, x->stop_fd);
 	if (r < 0)
 		return r;
 	/* MSG_MORE: full segments for bulk data; the FENCE (sent without it) pushes them out. */
@@ -307,8 +251,8 @@ static int src_stream_batch(struct src_stream *s)
 	size_t len = 0;
 	int r;
 
-	if (s->nr_runs) {
-		r = pagereader_read(s->reader, s->runs, s->nr_runs, src_consume, s);
+	if (s->runs.n) {
+		r = pagereader_read(s->reader, s->runs.v, s->runs.n, src_consume, s);
 		if (r < 0)
 			return r;
 	}
@@ -372,72 +316,17 @@ static void *src_stream_main(void *arg)
 	return NULL;
 }
 
-static int runs_reserve(struct src_stream *s, unsigned want)
-{
-	if (want <= s->runs_cap)
-		return 0;
-	unsigned cap = s->runs_cap ? s->runs_cap : 64;
-	while (cap < want)
-		cap *= 2;
-	struct page_run *n = realloc(s->runs, (size_t)cap * sizeof(*n));
-	if (!n)
-		return -ENOMEM;
-	s->runs = n;
-	s->runs_cap = cap;
-	return 0;
-}
-
-/* Which stream carries stripe `stripe` of `region` (see the top of the file). */
-static unsigned stripe_stream(const struct tcp_src *x, uint32_t region, uint64_t stripe)
-{
-	uint64_t n = x->nr_streams, group = stripe / n;
-
-	if (n == 1)
-		return 0;
-	return (unsigned)((stripe % n + mix64(((uint64_t)region << 48) ^ group)) % n);
-}
-
-static int src_append(struct src_stream *s, uint32_t region, uint64_t first, uint32_t npages)
-{
-	if (s->nr_runs) {
-		struct page_run *last = &s->runs[s->nr_runs - 1];
-		/* Neighbouring stripes dealt to the same stream: one run, fewer reads. */
-		if (last->region == region && last->first_page + last->npages == first &&
-		    (uint64_t)last->npages + npages <= UINT32_MAX) {
-			last->npages += npages;
-			return 0;
-		}
-	}
-	int r = runs_reserve(s, s->nr_runs + 1);
-	if (r < 0)
-		return r;
-	s->runs[s->nr_runs++] = (struct page_run){ .region = region, .first_page = first,
-						   .npages = npages };
-	return 0;
-}
-
+/* Deals the batch's runs onto the streams (xport_deal_runs) and sets their fence. */
 static int src_distribute(struct tcp_src *x, const struct page_run *runs, unsigned n,
 			  uint64_t fence)
 {
+	struct xport_runs *lanes[XPORT_MAX_STREAMS];
+
 	for (unsigned i = 0; i < x->nr_streams; i++) {
-		x->streams[i].nr_runs = 0;
+		lanes[i] = &x->streams[i].runs;
 		x->streams[i].fence = fence;
 	}
-	for (unsigned i = 0; i < n; i++) {
-		uint64_t p = runs[i].first_page, end = p + runs[i].npages;
-		while (p < end) {
-			uint64_t stripe = p / x->stripe_pages;
-			uint64_t e = (stripe + 1) * x->stripe_pages;
-			if (e > end)
-				e = end;
-			int r = src_append(&x->streams[stripe_stream(x, runs[i].region, stripe)],
-					   runs[i].region, p, (uint32_t)(e - p));
-			if (r < 0)
-				return r;
-			p = e;
-		}
-	}
-	return 0;
+	return xport_deal_runs(runs, n, x->stripe_pages, lanes, x->nr_streams);
 }
 
 static int src_send(struct xport_src *base, const struct page_run *runs, unsigned n,
@@ -486,18 +375,7 @@ static int src_send(struct xport_src *base, const struct page_run *runs, unsigne
 
 static void src_set_bandwidth(struct xport_src *base, uint64_t bytes_per_sec)
 {
-	struct tcp_src *x = to_src(base);
-
-	pthread_mutex_lock(&x->bucket_lock);
-	if (x->rate != bytes_per_sec) {
-		/* A new cap starts with a full burst's credit, as the first one did. */
-		x->rate = bytes_per_sec;
-		x->tokens = (double)bytes_per_sec / BUCKET_BURST_DIV;
-		if (x->tokens < BUCKET_MIN_BURST)
-			x->tokens = BUCKET_MIN_BURST;
-		x->last_ns = now_ns();
-	}
-	pthread_mutex_unlock(&x->bucket_lock);
+	xport_bucket_set(&to_src(base)->bucket, bytes_per_sec);
 }
 
 static void src_cancel(struct xport_src *base)
@@ -533,7 +411,7 @@ static void src_free(struct xport_src *base)
 				pthread_join(s->thread, NULL);
 			if (s->fd >= 0)
 				close(s->fd);
-			free(s->runs);
+			xport_runs_free(&s->runs);
 		}
 		free(x->streams);
 	}
@@ -541,7 +419,7 @@ static void src_free(struct xport_src *base)
 		close(x->stop_fd);
 	pthread_cond_destroy(&x->done_cond);
 	pthread_cond_destroy(&x->work_cond);
-	pthread_mutex_destroy(&x->bucket_lock);
+	xport_bucket_destroy(&x->bucket);
 	pthread_mutex_destroy(&x->lock);
 	free(x->region_pages);
 	free(x);
@@ -663,10 +541,9 @@ int xport_src_tcp_new(const struct xport_src_config *cfg, const char *hostport,
 	x->stop_fd = -1;
 	x->nr_regions = nr_regions;
 	x->reader_cfg = cfg->reader;
-	x->rate = 0;
 	/* Mutexes and condvars first: src_free() destroys them whatever else got built. */
 	pthread_mutex_init(&x->lock, NULL);
-	pthread_mutex_init(&x->bucket_lock, NULL);
+	xport_bucket_init(&x->bucket);
 	pthread_cond_init(&x->work_cond, NULL);
 	pthread_cond_init(&x->done_cond, NULL);
 
@@ -926,20 +803,29 @@ static bool mark_written(struct dst_region *rg, uint64_t first, uint32_t n)
 	return fresh;
 }
 
+/* A run of consecutive pages of a frame that are all data or all zero, from i on. */
+static uint32_t span_end(const struct proto_pages *ph, uint32_t i, bool *ret_zero)
+{
+	bool zero = (ph->zero_mask[i / 64] >> (i % 64)) & 1;
+	uint32_t j = i + 1;
+
+	while (j < ph->npages && (bool)((ph->zero_mask[j / 64] >> (j % 64)) & 1) == zero)
+		j++;
+	*ret_zero = zero;
+	return j;
+}
+
 /* Data spans go straight into guest memory; mark them before they may hold data. */
 static int dst_recv_to_memory(struct dst_stream *s, struct dst_region *rg,
 			      const struct proto_pages *ph, char *reason, size_t rlen)
 {
 	size_t cnt = 0;
 
-	for (uint32_t i = 0; i < ph->npages;) {
-		if ((ph->zero_mask[i / 64] >> (i % 64)) & 1) {
-			i++;
+	for (uint32_t i = 0, j; i < ph->npages; i = j) {
+		bool zero;
+		j = span_end(ph, i, &zero);
+		if (zero)
 			continue;
-		}
-		uint32_t j = i + 1;
-		while (j < ph->npages && !((ph->zero_mask[j / 64] >> (j % 64)) & 1))
-			j++;
 		s->iov[cnt].iov_base = rg->hva + (ph->first_page + i) * PAGE;
 		s->iov[cnt].iov_len = (size_t)(j - i) * PAGE;
 		/*
@@ -951,7 +837,6 @@ static int dst_recv_to_memory(struct dst_stream *s, struct dst_region *rg,
 			madvise(s->iov[cnt].iov_base, s->iov[cnt].iov_len,
 				FERRY_MADV_POPULATE_WRITE);
 		cnt++;
-		i = j;
 	}
 	return cnt ? dst_recv_iov(s, s->iov, cnt, reason, rlen) : 0;
 }
@@ -971,67 +856,6 @@ static int dst_recv_bounce(struct dst_stream *s, uint64_t data_len, char *reason
 	iov.iov_base = s->bounce;
 	iov.iov_len = data_len;
 	return dst_recv_iov(s, &iov, 1, reason, rlen);
-}
-
-/* A run of consecutive pages of a frame that are all data or all zero, from i on. */
-static uint32_t span_end(const struct proto_pages *ph, uint32_t i, bool *ret_zero)
-{
-	bool zero = (ph->zero_mask[i / 64] >> (i % 64)) & 1;
-	uint32_t j = i + 1;
-
-	while (j < ph->npages && (bool)((ph->zero_mask[j / 64] >> (j % 64)) & 1) == zero)
-		j++;
-	*ret_zero = zero;
-	return j;
-}
-
-/*
- * Places len bytes of pages at dst through userfaultfd uffd: copies of src, or zero pages
- * when src is NULL. The kernel installs a page only where the file has none and wakes every
- * thread waiting for it. A page that is already there (EEXIST) is left alone: in postcopy
- * it was placed by another path (a fault the destination served, an earlier copy) and may
- * have been written by the guest since, so it is newer than anything the source sends.
- */
-static int uffd_place(int uffd, uint8_t *dst, const uint8_t *src, uint64_t len)
-{
-	uint64_t done = 0;
-	unsigned spins = 0;
-
-	while (done < len) {
-		int64_t res;
-		int r;
-
-		if (src) {
-			struct uffdio_copy c = { .dst = (uintptr_t)(dst + done),
-						 .src = (uintptr_t)(src + done),
-						 .len = len - done };
-			r = ioctl(uffd, UFFDIO_COPY, &c);
-			res = c.copy;
-		} else {
-			struct uffdio_zeropage z = { .range = { .start = (uintptr_t)(dst + done),
-								.len = len - done } };
-			r = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
-			res = z.zeropage;
-		}
-		if (r == 0)
-			return 0;
-		int e = errno;
-		if (res > 0) { /* part of it placed; the rest is retried (it may be EEXIST) */
-			done += (uint64_t)res;
-			spins = 0;
-			continue;
-		}
-		if (e == EEXIST) { /* the first page of the rest is there already */
-			done += PAGE;
-			spins = 0;
-			continue;
-		}
-		/* EAGAIN without progress: the address space is changing under us; bounded. */
-		if ((e == EAGAIN || e == EINTR) && ++spins < 1000)
-			continue;
-		return -e;
-	}
-	return 0;
 }
 
 /*
@@ -1056,8 +880,8 @@ static int dst_recv_to_uffd(struct dst_stream *s, struct dst_region *rg, int uff
 		uint32_t j = span_end(ph, i, &zero);
 		size_t len = (size_t)(j - i) * PAGE;
 
-		r = uffd_place(uffd, rg->hva + (ph->first_page + i) * PAGE,
-			       zero ? NULL : s->bounce + at, len);
+		r = xport_uffd_place(uffd, rg->hva + (ph->first_page + i) * PAGE,
+				     zero ? NULL : s->bounce + at, len, NULL, NULL);
 		if (r < 0) {
 			snprintf(reason, rlen, "stream %u: placing pages %llu..%llu: %s", s->idx,
 				 (unsigned long long)(ph->first_page + i),
@@ -1089,14 +913,11 @@ static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
 	r = dst_recv_bounce(s, data_len, reason, rlen);
 	if (r < 0)
 		return r;
-	for (uint32_t i = 0; i < ph->npages;) {
-		if ((ph->zero_mask[i / 64] >> (i % 64)) & 1) {
-			i++;
+	for (uint32_t i = 0, j; i < ph->npages; i = j) {
+		bool zero;
+		j = span_end(ph, i, &zero);
+		if (zero)
 			continue;
-		}
-		uint32_t j = i + 1;
-		while (j < ph->npages && !((ph->zero_mask[j / 64] >> (j % 64)) & 1))
-			j++;
 		size_t len = (size_t)(j - i) * PAGE;
 		off_t off = (off_t)((ph->first_page + i) * PAGE);
 		mark_written(rg, ph->first_page + i, j - i);
@@ -1114,7 +935,6 @@ static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
 			return n < 0 ? -errno : -EIO;
 		}
 		at += len;
-		i = j;
 	}
 	return 0;
 }

@@ -161,6 +161,16 @@ const char *xport_dst_error(const struct xport_dst *x);
 void xport_dst_stats(const struct xport_dst *x, struct xport_dst_stats *ret);
 /* Stops the receivers (they refuse any further write), closes the streams. NULL-safe. */
 void xport_dst_free(struct xport_dst *x);
+
+/*
+ * Places len bytes of whole pages at dst through userfaultfd uffd: copies of src, or zero
+ * pages when src is NULL. The kernel installs a page only where the file has none and wakes
+ * every thread waiting on it. A page already there (EEXIST) is left alone: in postcopy it
+ * came by another path and the guest may have written it since. Adds the pages installed
+ * and those left alone to *ret_placed / *ret_existing (either may be NULL). 0 or -errno.
+ */
+int xport_uffd_place(int uffd, void *dst, const void *src, uint64_t len, uint64_t *ret_placed,
+		     uint64_t *ret_existing);
 /*
  * Postcopy: from now on the receivers place the pages of `region` through userfaultfd
  * `uffd` (duplicated; closed by xport_dst_free) with UFFDIO_COPY / UFFDIO_ZEROPAGE on its

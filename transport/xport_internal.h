@@ -11,6 +11,7 @@
 #ifndef FERRY_XPORT_INTERNAL_H
 #define FERRY_XPORT_INTERNAL_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -63,6 +64,39 @@ struct xport_dst_ops {
 struct xport_dst {
 	const struct xport_dst_ops *ops;
 };
+
+/* ---- shared by the backends (xport_common.c) ---- */
+
+/*
+ * A source's bandwidth cap: one token bucket all its streams (queue pairs) draw from.
+ * rate 0 = unlimited. Thread-safe (lock guards rate, tokens, last_ns).
+ */
+struct xport_bucket {
+	pthread_mutex_t lock;
+	uint64_t rate; /* bytes/s */
+	double tokens;
+	int64_t last_ns;
+};
+void xport_bucket_init(struct xport_bucket *b);
+void xport_bucket_destroy(struct xport_bucket *b);
+void xport_bucket_set(struct xport_bucket *b, uint64_t bytes_per_sec);
+/* Takes bytes (going into debt) and sleeps off any debt; -ECANCELED when stop_fd becomes
+ * readable meanwhile. */
+int xport_bucket_take(struct xport_bucket *b, uint64_t bytes, int stop_fd);
+
+/* One stream's (queue pair's) share of a batch: a growable list of page runs. */
+struct xport_runs {
+	struct page_run *v;
+	unsigned n, cap;
+};
+void xport_runs_free(struct xport_runs *l);
+/*
+ * Deals runs[0..n) onto nr_lanes lanes (emptied first) in stripes of stripe_pages: a page
+ * always goes to the same lane, so an older copy of it can never overtake a newer one on
+ * another lane; neighbouring stripes dealt to one lane merge into one run. -ENOMEM.
+ */
+int xport_deal_runs(const struct page_run *runs, unsigned n, uint64_t stripe_pages,
+		    struct xport_runs *const *lanes, unsigned nr_lanes);
 
 /* ---- TCP helpers (tcp_ctl.c) ---- */
 
