@@ -753,15 +753,9 @@ static int cmd_migration_history(struct ctl *ctl, const char *id)
 	return 0;
 }
 
-/* Starts the evacuation; with --wait follows every migration to its end. */
-static int cmd_evacuate(struct ctl *ctl, const struct opts *o)
+/* The settings a migration request takes from the command line (migrate and evacuate). */
+static void put_migration_settings(json_t *body, const struct opts *o)
 {
-	json_t *to = json_array();
-	char *list = strdup(o->to), *save = NULL;
-	for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save))
-		json_array_append_new(to, json_string(t));
-	free(list);
-	json_t *body = json_pack("{s:o}", "to", to);
 	if (o->downtime >= 0)
 		json_object_set_new(body, "downtime_ms", json_integer(o->downtime));
 	if (o->bandwidth)
@@ -772,6 +766,29 @@ static int cmd_evacuate(struct ctl *ctl, const struct opts *o)
 		json_object_set_new(body, "verify", json_boolean(o->verify));
 	if (o->transport)
 		json_object_set_new(body, "transport", json_string(o->transport));
+	if (o->postcopy >= 0)
+		json_object_set_new(body, "allow_postcopy", json_boolean(o->postcopy));
+	if (o->timeout_action)
+		json_object_set_new(body, "timeout_action", json_string(o->timeout_action));
+	if (o->completion_timeout >= 0)
+		json_object_set_new(body, "completion_timeout_per_gib",
+				    json_integer(o->completion_timeout));
+	if (o->progress_timeout >= 0)
+		json_object_set_new(body, "progress_timeout", json_integer(o->progress_timeout));
+	if (o->priority >= 0)
+		json_object_set_new(body, "priority", json_integer(o->priority));
+}
+
+/* Starts the evacuation; with --wait follows every migration to its end. */
+static int cmd_evacuate(struct ctl *ctl, const struct opts *o)
+{
+	json_t *to = json_array();
+	char *list = strdup(o->to), *save = NULL;
+	for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save))
+		json_array_append_new(to, json_string(t));
+	free(list);
+	json_t *body = json_pack("{s:o}", "to", to);
+	put_migration_settings(body, o);
 	json_t *res = NULL;
 	int e = call(ctl, "POST", "/v1/evacuate", body, &res);
 	json_decref(body);
@@ -967,27 +984,7 @@ static int cmd_migrate(struct ctl *ctl, const char *vm, const struct opts *o)
 		json_decref(info);
 	}
 	json_t *body = json_pack("{s:s,s:s}", "vm", vm, "to", o->to);
-	if (o->downtime >= 0)
-		json_object_set_new(body, "downtime_ms", json_integer(o->downtime));
-	if (o->bandwidth)
-		json_object_set_new(body, "bandwidth", json_string(o->bandwidth));
-	if (o->streams >= 0)
-		json_object_set_new(body, "streams", json_integer(o->streams));
-	if (o->verify >= 0)
-		json_object_set_new(body, "verify", json_boolean(o->verify));
-	if (o->transport)
-		json_object_set_new(body, "transport", json_string(o->transport));
-	if (o->postcopy >= 0)
-		json_object_set_new(body, "allow_postcopy", json_boolean(o->postcopy));
-	if (o->timeout_action)
-		json_object_set_new(body, "timeout_action", json_string(o->timeout_action));
-	if (o->completion_timeout >= 0)
-		json_object_set_new(body, "completion_timeout_per_gib",
-				    json_integer(o->completion_timeout));
-	if (o->progress_timeout >= 0)
-		json_object_set_new(body, "progress_timeout", json_integer(o->progress_timeout));
-	if (o->priority >= 0)
-		json_object_set_new(body, "priority", json_integer(o->priority));
+	put_migration_settings(body, o);
 	json_t *m = NULL;
 	e = call(ctl, "POST", "/v1/migrations", body, &m);
 	json_decref(body);
@@ -1161,8 +1158,7 @@ static void usage(FILE *f)
 		"          [--completion-timeout S_PER_GIB] [--progress-timeout S] [--priority 0..100]\n"
 		"  migration list\n"
 		"  migration show|cancel|switchover|history ID\n"
-		"  evacuate --to HOST:PORT[,HOST:PORT...] [--downtime MS] [--bandwidth RATE]\n"
-		"           [--streams N] [--verify] [--transport T] [--wait]\n"
+		"  evacuate --to HOST:PORT[,HOST:PORT...] [the migrate options] [--wait]\n"
 		"                                move every VM off this host\n"
 		"  events [--since SEQ]          follow the event feed until interrupted\n"
 		"\n"
@@ -1203,6 +1199,12 @@ enum opt_id {
 };
 #define BIT(o) (1ull << (o))
 #define COMMON (BIT(O_SOCKET) | BIT(O_JSON) | BIT(O_HELP))
+/* What migrate and evacuate take (put_migration_settings). */
+#define MIGRATION_FLAGS                                                                      \
+	(BIT(O_TO) | BIT(O_DOWNTIME) | BIT(O_BANDWIDTH) | BIT(O_STREAMS) | BIT(O_VERIFY) |   \
+	 BIT(O_NO_VERIFY) | BIT(O_TRANSPORT) | BIT(O_WAIT) | BIT(O_POSTCOPY) |                \
+	 BIT(O_NO_POSTCOPY) | BIT(O_TIMEOUT_ACTION) | BIT(O_COMPLETION_TIMEOUT) |             \
+	 BIT(O_PROGRESS_TIMEOUT) | BIT(O_PRIORITY))
 
 static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int usage_error(const char *fmt, ...)
@@ -1246,14 +1248,8 @@ static int run(struct ctl *ctl, char **pos, int npos, uint64_t seen, const struc
 	    {"vm", "resume", 1, 0},
 	    {"vm", "delete", 1, 0},
 	    {"vm", "dump", 2, 0},
-	    {"migrate", NULL, 1,
-	     BIT(O_TO) | BIT(O_DOWNTIME) | BIT(O_BANDWIDTH) | BIT(O_STREAMS) | BIT(O_VERIFY) |
-		 BIT(O_NO_VERIFY) | BIT(O_TRANSPORT) | BIT(O_WAIT) | BIT(O_POSTCOPY) |
-		 BIT(O_NO_POSTCOPY) | BIT(O_TIMEOUT_ACTION) | BIT(O_COMPLETION_TIMEOUT) |
-		 BIT(O_PROGRESS_TIMEOUT) | BIT(O_PRIORITY)},
-	    {"evacuate", NULL, 0,
-	     BIT(O_TO) | BIT(O_DOWNTIME) | BIT(O_BANDWIDTH) | BIT(O_STREAMS) | BIT(O_VERIFY) |
-		 BIT(O_NO_VERIFY) | BIT(O_TRANSPORT) | BIT(O_WAIT)},
+	    {"migrate", NULL, 1, MIGRATION_FLAGS},
+	    {"evacuate", NULL, 0, MIGRATION_FLAGS},
 	    {"migration", "list", 0, 0},
 	    {"migration", "show", 1, 0},
 	    {"migration", "history", 1, 0},

@@ -88,6 +88,7 @@ struct migration {
 	uint64_t precopy_start_ns;
 	uint64_t last_tick_ns;
 	uint64_t state_bytes; /* estimate of the switch-over's state transfer */
+	uint64_t mem_bytes;   /* guest memory */
 	double bw_Bps;        /* the latest bandwidth estimate */
 	/* Under m->lock: the decisions (JSON objects), oldest first; nr_dropped past the cap. */
 	char **history;
@@ -739,44 +740,53 @@ static void policy_for(const struct migration *m, struct sched_policy *p)
 	p->throttle_floor_pps = 16;
 }
 
+/* A vCPU's share of time held back for the scheduler's slowed_pct, 0..VM_THROTTLE_MAX_PCT. */
+static unsigned held_pct(double slowed_pct)
+{
+	return slowed_pct <= 0			      ? 0
+	       : slowed_pct >= VM_THROTTLE_MAX_PCT ? VM_THROTTLE_MAX_PCT
+						      : (unsigned)lround(slowed_pct);
+}
+
 /* Keeps the decision in the history and shows it in the record. */
 static void history_add(struct migration *m, const struct sched_round_record *rec)
 {
 	enum { JSON_MAX = 64 * 1024 };
 	char *json = malloc(JSON_MAX);
-	if (json && sched_record_json(rec, json, JSON_MAX) < 0) {
+	int n = json ? sched_record_json(rec, json, JSON_MAX) : -ENOMEM;
+	if (n < 0) {
 		free(json);
 		json = NULL;
+	} else {
+		char *fit = realloc(json, (size_t)n + 1); /* keep what the record needs */
+		if (fit)
+			json = fit;
 	}
-	char *copy = json ? strdup(json) : NULL;
-	free(json);
 	pthread_mutex_lock(&m->lock);
-	if (copy && m->nr_history < HISTORY_MAX) {
+	if (json && m->nr_history < HISTORY_MAX) {
 		char **h = realloc(m->history, (m->nr_history + 1) * sizeof(*h));
 		if (h) {
 			m->history = h;
-			m->history[m->nr_history++] = copy;
-			copy = NULL;
+			m->history[m->nr_history++] = json;
+			json = NULL;
 		}
 	}
-	if (copy || !json)
+	if (json || n < 0)
 		m->nr_dropped++;
 	snprintf(m->info.decision, sizeof(m->info.decision), "%s", sched_action_name(rec->action));
 	snprintf(m->info.decision_reason, sizeof(m->info.decision_reason), "%s", rec->why);
 	m->info.throttle_level = rec->throttle_level;
-	unsigned n = rec->nr_vcpus < 64 ? rec->nr_vcpus : 64;
-	m->info.nr_vcpus = n;
-	for (unsigned i = 0; i < n; i++) {
-		double pct = rec->action == SCHED_THROTTLE ? rec->vcpu[i].slowed_pct : 0;
+	unsigned nv = rec->nr_vcpus < 64 ? rec->nr_vcpus : 64;
+	m->info.nr_vcpus = nv;
+	for (unsigned i = 0; i < nv; i++)
 		m->info.vcpu_throttle_pct[i] =
-			pct <= 0 ? 0 : pct >= VM_THROTTLE_MAX_PCT ? VM_THROTTLE_MAX_PCT
-								  : (uint8_t)lround(pct);
-	}
+			(uint8_t)(rec->action == SCHED_THROTTLE ? held_pct(rec->vcpu[i].slowed_pct)
+								: 0);
 	if (rec->expected_downtime_ms >= 0)
 		m->info.expected_downtime_ms = rec->expected_downtime_ms;
 	m->info.downtime_target_ms = (uint32_t)lround(rec->downtime_target_ms);
 	pthread_mutex_unlock(&m->lock);
-	free(copy);
+	free(json);
 }
 
 /*
@@ -789,12 +799,29 @@ static void apply_throttle(struct vm *vm, const struct sched_round_record *rec)
 		vm_clear_throttle(vm);
 		return;
 	}
-	for (unsigned i = 0; i < rec->nr_vcpus && i < vm_config(vm)->vcpus; i++) {
-		double pct = rec->vcpu[i].slowed_pct;
-		unsigned p = pct <= 0 ? 0 : pct >= VM_THROTTLE_MAX_PCT ? VM_THROTTLE_MAX_PCT
-								       : (unsigned)lround(pct);
-		vm_vcpu_set_throttle(vm, i, p);
-	}
+	for (unsigned i = 0; i < rec->nr_vcpus && i < vm_config(vm)->vcpus; i++)
+		vm_vcpu_set_throttle(vm, i, held_pct(rec->vcpu[i].slowed_pct));
+}
+
+/*
+ * What every decision is based on, round or tick: the caller sets what only it knows
+ * (tick, per-vCPU rates, the measured dirty rate).
+ */
+static void measure(const struct migration *m, uint64_t now, uint32_t round,
+		    uint64_t remaining_bytes, uint64_t bytes_sent, struct sched_measure *ret)
+{
+	*ret = (struct sched_measure){
+		.now_ns = now,
+		.elapsed_ns = now - m->precopy_start_ns,
+		.round = round,
+		.remaining_bytes = remaining_bytes,
+		.bytes_sent = bytes_sent,
+		.mem_bytes = m->mem_bytes,
+		.state_bytes = m->state_bytes,
+		.bandwidth_Bps = m->bw_Bps,
+		.dirty_pps = m->info.dirty_rate_pps,
+		.nr_vcpus = vm_config(m->vm->vm)->vcpus,
+	};
 }
 
 static uint64_t vm_mem_bytes(struct vm *vm)
@@ -819,19 +846,9 @@ static int sched_tick(struct migration *m, uint64_t remaining_pages)
 	struct xport_src_stats st;
 	xport_src_stats(m->src, &st);
 	struct vm *vm = m->vm->vm;
-	struct sched_measure in = {
-		.now_ns = now,
-		.elapsed_ns = now - m->precopy_start_ns,
-		.round = m->info.round,
-		.tick = true,
-		.remaining_bytes = remaining_pages * 4096ull,
-		.bytes_sent = st.bytes,
-		.mem_bytes = vm_mem_bytes(vm),
-		.state_bytes = m->state_bytes,
-		.bandwidth_Bps = m->bw_Bps,
-		.dirty_pps = m->info.dirty_rate_pps,
-		.nr_vcpus = vm_config(vm)->vcpus,
-	};
+	struct sched_measure in;
+	measure(m, now, m->info.round, remaining_pages * 4096ull, st.bytes, &in);
+	in.tick = true;
 	struct sched_round_record *rec = malloc(sizeof(*rec));
 	if (!rec)
 		return 0;
@@ -894,6 +911,7 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 	}
 	if (per_vcpu && sched_dirty_new(nr_vcpus, 3000000000ull, &vdirty) < 0)
 		per_vcpu = false;
+	m->mem_bytes = vm_mem_bytes(vm);
 	/* vCPU state is a few KiB each, plus the VM's; generous, it is a forecast. */
 	m->state_bytes = 64 * 1024ull * nr_vcpus + 64 * 1024ull;
 	sched_bw_init(&bw, 10000000000ull);
@@ -966,19 +984,10 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 			goto out;
 		}
 
-		struct sched_measure in = {
-			.now_ns = now,
-			.elapsed_ns = now - m->precopy_start_ns,
-			.round = round,
-			.remaining_bytes = remaining * 4096ull,
-			.bytes_sent = after.bytes,
-			.mem_bytes = vm_mem_bytes(vm),
-			.state_bytes = m->state_bytes,
-			.bandwidth_Bps = m->bw_Bps,
-			.dirty_pps = sched_rate_per_sec(&dirty),
-			.nr_vcpus = nr_vcpus,
-			.vcpu_dirty_pps = per_vcpu ? vpps : NULL,
-		};
+		struct sched_measure in;
+		measure(m, now, round, remaining * 4096ull, after.bytes, &in);
+		in.dirty_pps = sched_rate_per_sec(&dirty);
+		in.vcpu_dirty_pps = per_vcpu ? vpps : NULL;
 		sched_migration_decide(m->sched, &in, rec);
 		history_add(m, rec);
 		apply_throttle(vm, rec);
@@ -1136,25 +1145,24 @@ static int source_switchover(struct migration *m, struct vm *vm, struct tracker 
 	return source_await_decision(m);
 }
 
-/* Queued (limits.max_outgoing): waits until admitted, cancelled or the agent stops. */
+/*
+ * Queued (limits.max_outgoing): waits until admitted, cancelled or the agent stops. Each of
+ * those broadcasts agent->cond (admission_done_locked, request, migration_shutdown_all).
+ */
 static int source_wait_turn(struct migration *m)
 {
 	struct agent *a = m->a;
 	pthread_mutex_lock(&a->lock);
-	while (!m->admitted && !a->shutting_down) {
-		pthread_mutex_unlock(&a->lock);
-		if (cancelled(m))
-			return mig_fail(m, -ECANCELED, "cancelled while queued");
-		usleep(50000);
-		pthread_mutex_lock(&a->lock);
-	}
-	bool stop = !m->admitted;
+	while (!m->admitted && !a->shutting_down && !cancelled(m))
+		pthread_cond_wait(&a->cond, &a->lock);
+	bool admitted = m->admitted, stopping = a->shutting_down;
 	pthread_mutex_unlock(&a->lock);
-	if (stop)
+	if (admitted)
+		return 0;
+	if (stopping)
 		return mig_fail(m, -ESHUTDOWN, "the agent shut down while the migration was queued");
-	return 0;
+	return mig_fail(m, -ECANCELED, "cancelled while queued");
 }
-
 
 /* ---------------- postcopy (source) ---------------- */
 
@@ -1781,6 +1789,18 @@ static void dest_postcopy_lost(struct migration *m, const char *why)
 	agent_log(m->a, LOG_ERROR, "migration %llu: %s", (unsigned long long)m->id, msg);
 }
 
+/* The VM runs here for good (after COMMITTED, or POSTCOPY_DONE): the record says so. */
+static void dest_completed(struct migration *m)
+{
+	pthread_mutex_lock(&m->lock);
+	m->info.error[0] = '\0';
+	pthread_mutex_unlock(&m->lock);
+	agent_event(m->a, "vm.created", "\"vm\":\"%s\",\"reason\":\"migrated\"", m->info.vm);
+	set_state(m, MIG_COMPLETED);
+	agent_vm_put(m->a, m->vm);
+	m->vm = NULL;
+}
+
 static void dest_job(struct migration *m)
 {
 	struct agent *a = m->a;
@@ -1978,14 +1998,7 @@ static void dest_job(struct migration *m)
 			send_msg(m, PROTO_COMMITTED, r, buf, len); /* the source asks if lost */
 			free(state_blob);
 			free(dig);
-			pthread_mutex_lock(&m->lock);
-			m->info.error[0] = '\0';
-			pthread_mutex_unlock(&m->lock);
-			agent_event(a, "vm.created", "\"vm\":\"%s\",\"reason\":\"migrated\"",
-				    m->info.vm);
-			set_state(m, MIG_COMPLETED);
-			agent_vm_put(a, m->vm);
-			m->vm = NULL;
+			dest_completed(m);
 			return;
 		} else if (type == PROTO_POSTCOPY_START && !m->pc) {
 			r = dest_postcopy_start(m, buf, len, state_blob, state_len);
@@ -2018,14 +2031,7 @@ static void dest_job(struct migration *m)
 			release_vm_hold(m);
 			free(state_blob);
 			free(dig);
-			pthread_mutex_lock(&m->lock);
-			m->info.error[0] = '\0';
-			pthread_mutex_unlock(&m->lock);
-			agent_event(a, "vm.created", "\"vm\":\"%s\",\"reason\":\"migrated\"",
-				    m->info.vm);
-			set_state(m, MIG_COMPLETED);
-			agent_vm_put(a, m->vm);
-			m->vm = NULL;
+			dest_completed(m);
 			return;
 		} else if (type == PROTO_ABORT) {
 			struct proto_refuse ab;
@@ -2409,6 +2415,7 @@ static int request(struct agent *a, uint64_t id, bool cancel, struct agent_error
 	else if (cancel) {
 		m->cancel = true;
 		interrupt_locked(m);
+		pthread_cond_broadcast(&a->cond); /* a queued job waits there */
 	} else if (m->incoming)
 		r = agent_err(err, -EINVAL, "invalid_argument",
 			      "switch-over is requested on the source agent");
@@ -2679,6 +2686,7 @@ void migration_shutdown_all(struct agent *a)
 		}
 		pthread_mutex_unlock(&m->lock);
 	}
+	pthread_cond_broadcast(&a->cond); /* queued jobs wait there */
 	/* Wait for every job; committing ones finish by themselves (bounded timeouts). */
 	for (;;) {
 		bool busy = false;

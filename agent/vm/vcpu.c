@@ -140,8 +140,10 @@ static void guest_sleep(uint64_t ns)
 static void throttle_point(struct vcpu *v)
 {
 	uint32_t pct = atomic_load_explicit(&v->throttle_pct, memory_order_relaxed);
-	uint64_t now = vm_now_ns();
 
+	if (!pct && !v->seen_pct)
+		return; /* every exit of an unthrottled vCPU: not even a clock read */
+	uint64_t now = vm_now_ns();
 	if (pct != v->seen_pct) {
 		v->seen_pct = pct;
 		v->account_start_ns = now;
