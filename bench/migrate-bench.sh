@@ -59,39 +59,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-now_ms() { date +%s%3N; }
-ctl() { local n=$1; shift; "$ferryctl" --socket "${sock[$n]}" "$@"; }
-
-# start_agent NAME: a fresh agent (own state dir) with its migration listener on loopback.
-start_agent() {
-  local name=$1 i
-  rm -rf "${tmp:?}/$name"
-  mkdir -p "$tmp/$name"
-  cat >"$tmp/$name/ferryd.yaml" <<EOF
-name: $name
-log_level: info
-state_dir: $tmp/$name/state
-control:
-  socket: $tmp/$name/api.sock
-migration:
-  listen: 127.0.0.1:0
-  streams: $streams
-EOF
-  sock[$name]=$tmp/$name/api.sock
-  "$ferryd" --config "$tmp/$name/ferryd.yaml" >>"$tmp/$name/log" 2>&1 &
-  pid[$name]=$!
-  for i in $(seq 100); do
-    [ -S "${sock[$name]}" ] && ctl "$name" health >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  listen[$name]=$(ctl "$name" --json health 2>/dev/null | jq -r .listen)
-  if [ -z "${listen[$name]}" ] || [ "${listen[$name]}" = null ]; then
-    echo "migrate-bench: agent $name did not start:" >&2
-    cat "$tmp/$name/log" >&2
-    exit 1
-  fi
-}
-stop_agent() { kill "${pid[$1]}" 2>/dev/null; wait "${pid[$1]}" 2>/dev/null; unset "pid[$1]"; }
+. "$(dirname "$0")/lib.sh"
 stop_agents() { stop_agent src; stop_agent dst; }
 
 passes_of() { ctl "$1" --json vm show "$2" 2>/dev/null | jq -r '.stats.passes // 0'; }
@@ -177,8 +145,8 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 case ",$cases," in *,idle,*)
   echo "# idle: 4 GiB, 1 vCPU, dirtier wss=4092M pattern=seq passes=1"
-  start_agent src
-  start_agent dst
+  start_agent src "  streams: $streams"
+  start_agent dst "  streams: $streams"
   ctl src vm create idle --memory 4G --vcpus 1 --guest dirtier \
     --param wss=4092M --param pattern=seq --param passes=1 >/dev/null || exit 1
   t=$(now_ms)
@@ -199,8 +167,8 @@ esac
 case ",$cases," in *,dirty,*)
   for rate in ${rates//,/ }; do
     echo "# dirty-$rate: 1 GiB, 1 vCPU, dirtier wss=256M pattern=random rate=$rate"
-    start_agent src
-    start_agent dst
+    start_agent src "  streams: $streams"
+    start_agent dst "  streams: $streams"
     ctl src vm create "dirty" --memory 1G --vcpus 1 --guest dirtier \
       --param wss=256M --param pattern=random --param rate="$rate" >/dev/null || exit 1
     sleep 3 # let it reach its rate

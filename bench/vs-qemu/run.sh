@@ -149,46 +149,9 @@ EOF
 }
 
 # ---- ferry: a fresh pair of agents per run (as bench/migrate-bench.sh)
-now_ms() { date +%s%3N; }
-ctl() { local n=$1; shift; "$ferryctl" --socket "${sock[$n]}" "$@"; }
-start_agent() {
-  local name=$1 i
-  rm -rf "${tmp:?}/$name"
-  mkdir -p "$tmp/$name"
-  cat >"$tmp/$name/ferryd.yaml" <<EOF
-name: $name
-log_level: info
-state_dir: $tmp/$name/state
-control:
-  socket: $tmp/$name/api.sock
-migration:
-  listen: 127.0.0.1:0
-EOF
-  # No timeouts of ferry's own (QEMU has none): --timeout bounds both systems alike.
-  # Builds before the scheduler policy refuse the keys: then they are left out.
-  cp "$tmp/$name/ferryd.yaml" "$tmp/$name/base.yaml"
-  printf 'policy:\n  completion_timeout_per_gib: 0\n  progress_timeout: 0\n' >>"$tmp/$name/ferryd.yaml"
-  "$ferryd" --check-config "$tmp/$name/ferryd.yaml" >/dev/null 2>&1 ||
-    cp "$tmp/$name/base.yaml" "$tmp/$name/ferryd.yaml"
-  sock[$name]=$tmp/$name/api.sock
-  "$ferryd" --config "$tmp/$name/ferryd.yaml" >>"$tmp/$name/log" 2>&1 &
-  pid[$name]=$!
-  for i in $(seq 100); do
-    [ -S "${sock[$name]}" ] && ctl "$name" health >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  listen[$name]=$(ctl "$name" --json health 2>/dev/null | jq -r .listen)
-  if [ -z "${listen[$name]}" ] || [ "${listen[$name]}" = null ]; then
-    cat "$tmp/$name/log" >&2
-    die "ferryd $name did not start"
-  fi
-}
-stop_agent() {
-  [ -n "${pid[$1]:-}" ] || return 0
-  kill "${pid[$1]}" 2>/dev/null
-  wait "${pid[$1]}" 2>/dev/null
-  unset "pid[$1]"
-}
+. "$(dirname "$0")/../lib.sh"
+# No timeouts of ferry's own (QEMU has none): --timeout bounds both systems alike.
+no_timeouts=(policy: "  completion_timeout_per_gib: 0" "  progress_timeout: 0")
 console_len() { ctl "$1" vm console "$2" 2>/dev/null | wc -c; }
 wait_console() { # agent vm text seconds
   local end=$(($(now_ms) + $4 * 1000))
@@ -211,8 +174,8 @@ ferry_run() {
   local c=$1 rep=$2 mem range cap img rc rec id state note="" alive=false
   mem=$(case_mem "$c"); range=$(case_range "$c"); cap=$(case_cap "$c")
   img=$(make_image "$range")
-  start_agent src
-  start_agent dst
+  start_agent src "${no_timeouts[@]}"
+  start_agent dst "${no_timeouts[@]}"
   local vm=vsq
   ctl src vm create "$vm" --memory "$mem" --vcpus 1 --guest "boot:$img" \
     --tracker "$ferry_tracker" >"$tmp/create.out" 2>&1 || {

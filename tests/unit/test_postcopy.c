@@ -35,6 +35,7 @@
 #include <unistd.h>
 
 #include "testutil.h"
+#include "tio.h"
 
 #include "agent/postcopy.h"
 #include "transport/transport.h"
@@ -50,22 +51,6 @@
 #define WATCHDOG_S 240u
 
 static const uint8_t token[XPORT_TOKEN_LEN] = "postcopy-test-tk";
-
-static void sleep_ms(unsigned ms)
-{
-	struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000};
-
-	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-		;
-}
-
-static bool page_is_zero(const uint8_t *p)
-{
-	for (unsigned i = 0; i < PAGE; i += 8)
-		if (*(const uint64_t *)(p + i))
-			return false;
-	return true;
-}
 
 static bool bit(const uint64_t *map, uint64_t i) { return (map[i / 64] >> (i % 64)) & 1; }
 
@@ -149,7 +134,7 @@ static void pair_copy(struct pair *p, bool (*keep)(unsigned slot, uint64_t page)
 				p->need[i][pg / 64] |= 1ull << (pg % 64);
 				continue;
 			}
-			if (page_is_zero(sp))
+			if (tio_page_zero(sp))
 				assert_int_equal(
 				    fallocate(b->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 					      off, PAGE),
@@ -219,7 +204,7 @@ static int place_from_src(struct postcopy_dst *d, struct vm *src, uint32_t slot,
 	assert_non_null(buf);
 	for (uint32_t i = 0; i < n; i++) {
 		const uint8_t *sp = base + (first + i) * PAGE;
-		if (page_is_zero(sp)) {
+		if (tio_page_zero(sp)) {
 			mask[i / 64] |= 1ull << (i % 64);
 			continue;
 		}
@@ -351,7 +336,7 @@ static void *pusher_main(void *arg)
 {
 	struct pusher *u = arg;
 
-	sleep_ms(u->delay_ms);
+	tio_sleep_ms(u->delay_ms);
 	for (unsigned i = 0; i < u->p->nr_slots && !u->err; i++) {
 		for (uint64_t pg = 0; pg < u->p->pages[i] && !u->err;) {
 			if (!bit(u->p->need[i], pg)) {
@@ -366,7 +351,7 @@ static void *pusher_main(void *arg)
 				u->err = r;
 			pg = e;
 			if (u->per_run_ms)
-				sleep_ms(u->per_run_ms);
+				tio_sleep_ms(u->per_run_ms);
 		}
 	}
 	atomic_store(&u->done, true);
@@ -456,7 +441,7 @@ static void wait_complete(struct postcopy_dst *d, int timeout_ms)
 		if (tu_now_ns() - t0 > (uint64_t)timeout_ms * 1000000ull)
 			fail_msg("postcopy not complete: %" PRIu64 " pages missing",
 				 postcopy_dst_remaining(d));
-		sleep_ms(10);
+		tio_sleep_ms(10);
 	}
 }
 
@@ -496,7 +481,7 @@ static void test_on_demand(void **state)
 	 * current here, so a fault on it is served locally, with zeros. */
 	const uint8_t *z = vm_gpa_to_hva(p.dst, 12 * MIB, PAGE);
 	assert_non_null(z);
-	assert_true(page_is_zero(z));
+	assert_true(tio_page_zero(z));
 
 	struct pusher u = {.p = &p, .d = d, .delay_ms = 1500, .per_run_ms = 5};
 	assert_int_equal(pthread_create(&u.thread, NULL, pusher_main, &u), 0);
@@ -537,34 +522,6 @@ static void test_on_demand(void **state)
 
 /* ---- the same over the real TCP transport ---- */
 
-static int listen_any(uint16_t *ret_port)
-{
-	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-	socklen_t al = sizeof(a);
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-	assert_true(fd >= 0);
-	assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-	assert_int_equal(listen(fd, 64), 0);
-	assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &al), 0);
-	*ret_port = ntohs(a.sin_port);
-	return fd;
-}
-
-static void read_all(int fd, void *p, size_t n)
-{
-	uint8_t *b = p;
-
-	while (n) {
-		ssize_t r = recv(fd, b, n, 0);
-		if (r < 0 && errno == EINTR)
-			continue;
-		assert_true(r > 0);
-		b += r;
-		n -= (size_t)r;
-	}
-}
-
 /* Connects `streams` data streams from src_fds to dst, playing the agent's STREAM_HELLO part. */
 static struct xport_src *connect_streams(unsigned streams, const int *fds, const uint64_t *sizes,
 					 unsigned nr, struct xport_dst *dst, uint64_t bw)
@@ -573,7 +530,7 @@ static struct xport_src *connect_streams(unsigned streams, const int *fds, const
 	struct xport_src *src = NULL;
 	char err[256] = "", hp[64];
 	uint16_t port;
-	int l = listen_any(&port);
+	int l = tio_listen_any(&port);
 
 	snprintf(hp, sizeof(hp), "127.0.0.1:%u", port);
 	int r = xport_src_tcp_new(&cfg, hp, token, fds, sizes, nr, &src, err, sizeof(err));
@@ -586,10 +543,10 @@ static struct xport_src *connect_streams(unsigned streams, const int *fds, const
 		struct proto_stream_hello sh;
 
 		assert_true(fd >= 0);
-		read_all(fd, hdr, sizeof(hdr));
+		tio_read_all(fd, hdr, sizeof(hdr));
 		assert_int_equal(proto_hdr_decode(hdr, sizeof(payload), &h), 0);
 		assert_int_equal(h.type, PROTO_STREAM_HELLO);
-		read_all(fd, payload, h.len);
+		tio_read_all(fd, payload, h.len);
 		assert_int_equal(proto_decode_stream_hello(payload, h.len, &sh, err, sizeof(err)),
 				 0);
 		assert_int_equal(xport_dst_add_stream(dst, fd, sh.stream), 0);
@@ -751,7 +708,7 @@ static void test_discard(void **state)
 		p.need[0][pg / 64] |= 1ull << (pg % 64);
 	}
 	uint8_t *sp = (uint8_t *)vm_slot(p.src, 1)->hva + changed * PAGE;
-	assert_true(page_is_zero(sp));
+	assert_true(tio_page_zero(sp));
 	memset(sp, 0xc3, PAGE); /* changed on the source after the copy */
 	p.need[1][changed / 64] |= 1ull << (changed % 64);
 
@@ -808,12 +765,12 @@ static void test_source_lost(void **state)
 	uint64_t t0 = tu_now_ns();
 	struct postcopy_dst_stats st;
 	do {
-		sleep_ms(10);
+		tio_sleep_ms(10);
 		postcopy_dst_stats(d, &st);
 	} while (st.faults < PC_VCPUS && tu_now_ns() - t0 < 10000000000ull);
 	assert_true(st.faults >= 1);
 	assert_true(atomic_load(&s.asked) >= 1);
-	sleep_ms(300);
+	tio_sleep_ms(300);
 	struct vm_vcpu_stats tot;
 	vm_stats_total(p.dst, &tot);
 	assert_int_equal(tot.passes, 0);
@@ -855,7 +812,7 @@ static void test_free_early(void **state)
 	uint64_t t0 = tu_now_ns();
 	struct postcopy_dst_stats st;
 	do {
-		sleep_ms(10);
+		tio_sleep_ms(10);
 		postcopy_dst_stats(d, &st);
 	} while (st.faults < 1 && tu_now_ns() - t0 < 10000000000ull);
 	assert_true(st.faults >= 1);
@@ -927,7 +884,7 @@ static void test_transport_places(void **state)
 	struct reader rd = {.addr = dm + 6 * PAGE};
 	pthread_t t;
 	assert_int_equal(pthread_create(&t, NULL, reader_main, &rd), 0);
-	sleep_ms(100);
+	tio_sleep_ms(100);
 	assert_false(atomic_load(&rd.done));
 
 	struct page_run run = {.region = 0, .first_page = 0, .npages = PAGES};

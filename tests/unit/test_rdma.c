@@ -38,6 +38,8 @@
 #include <unistd.h>
 #include <cmocka.h>
 
+#include "tio.h"
+
 #include <infiniband/verbs.h>
 #include <rdma/rdma_cma.h>
 
@@ -60,75 +62,6 @@ static const struct pagereader_config small_reader = {
 
 /* ---------------- helpers ---------------- */
 
-static uint64_t mix(uint64_t x)
-{
-	x += 0x9e3779b97f4a7c15ull;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-	return x ^ (x >> 31);
-}
-
-static uint64_t rng_state = 0x5eed;
-
-static uint64_t rnd(void)
-{
-	rng_state = mix(rng_state);
-	return rng_state;
-}
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(unsigned ms)
-{
-	struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
-
-	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-		;
-}
-
-/* A memfd of `size` bytes, mapped shared; *ret_fd stays open. */
-static uint8_t *memfd_map(uint64_t size, int *ret_fd)
-{
-	int fd = memfd_create("ferry-test", MFD_CLOEXEC);
-
-	assert_true(fd >= 0);
-	assert_int_equal(ftruncate(fd, (off_t)size), 0);
-	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	assert_true(p != MAP_FAILED);
-	*ret_fd = fd;
-	return p;
-}
-
-static bool page_zero(const uint8_t *p)
-{
-	for (unsigned i = 0; i < PAGE; i++)
-		if (p[i])
-			return false;
-	return true;
-}
-
-/* Page gets fresh random content, or zeros with probability 1/5. */
-static void fill_page(uint8_t *p, uint64_t salt)
-{
-	if (rnd() % 5 == 0) {
-		memset(p, 0, PAGE);
-		return;
-	}
-	uint64_t *w = (uint64_t *)p;
-	for (unsigned i = 0; i < PAGE / 8; i++)
-		w[i] = mix(salt ^ rnd() ^ i);
-	if (rnd() % 8 == 0) { /* zero but for one byte */
-		memset(p, 0, PAGE);
-		p[rnd() % PAGE] = 1;
-	}
-}
-
 /* ---------------- the source and destination memory ---------------- */
 
 struct mem {
@@ -145,10 +78,10 @@ static int mem_setup(void **state)
 
 	for (unsigned r = 0; r < NR_REGIONS; r++) {
 		m->sizes[r] = region_pages[r] * PAGE;
-		m->src[r] = memfd_map(m->sizes[r], &m->src_fd[r]);
+		m->src[r] = tio_memfd_map(m->sizes[r], &m->src_fd[r]);
 		for (uint64_t p = 0; p < region_pages[r]; p++)
-			fill_page(m->src[r] + p * PAGE, (r << 20) | p);
-		m->dst[r] = memfd_map(m->sizes[r], &m->dst_fd[r]);
+			tio_fill_page(m->src[r] + p * PAGE, (r << 20) | p);
+		m->dst[r] = tio_memfd_map(m->sizes[r], &m->dst_fd[r]);
 	}
 	*state = m;
 	return 0;
@@ -212,14 +145,14 @@ static struct xport_src *open_src(struct xport_dst *dst, struct mem *m, unsigned
 
 static unsigned random_runs(struct page_run *runs, unsigned max, uint32_t max_len)
 {
-	unsigned n = 1 + (unsigned)(rnd() % max);
+	unsigned n = 1 + (unsigned)(tio_rnd() % max);
 
 	for (unsigned i = 0; i < n; i++) {
-		uint32_t r = (uint32_t)(rnd() % NR_REGIONS);
-		uint32_t len = 1 + (uint32_t)(rnd() % max_len);
+		uint32_t r = (uint32_t)(tio_rnd() % NR_REGIONS);
+		uint32_t len = 1 + (uint32_t)(tio_rnd() % max_len);
 		if (len > region_pages[r])
 			len = (uint32_t)region_pages[r];
-		uint64_t first = rnd() % (region_pages[r] - len + 1);
+		uint64_t first = tio_rnd() % (region_pages[r] - len + 1);
 		runs[i] = (struct page_run){ .region = r, .first_page = first, .npages = len };
 	}
 	return n;
@@ -251,12 +184,12 @@ static void transfer(struct mem *m, unsigned qps, bool zeroed)
 		unsigned n = random_runs(runs, 32, fence % 2 ? 48 : 400);
 		if (fence > 1) {
 			for (unsigned k = 0; k < 16 && n < 48; k++) {
-				uint32_t r = (uint32_t)(rnd() % NR_REGIONS);
-				uint64_t p = rnd() % region_pages[r];
+				uint32_t r = (uint32_t)(tio_rnd() % NR_REGIONS);
+				uint64_t p = tio_rnd() % region_pages[r];
 				if (!sent[r][p])
 					continue;
 				uint8_t *pg = m->src[r] + p * PAGE;
-				fill_page(pg, p ^ (fence << 32));
+				tio_fill_page(pg, p ^ (fence << 32));
 				if (k % 2)
 					memset(pg, 0, PAGE); /* data turned zero */
 				runs[n++] = (struct page_run){ .region = r, .first_page = p,
@@ -267,7 +200,7 @@ static void transfer(struct mem *m, unsigned qps, bool zeroed)
 			for (uint64_t p = runs[i].first_page;
 			     p < runs[i].first_page + runs[i].npages; p++) {
 				sent[runs[i].region][p] = 1;
-				if (page_zero(m->src[runs[i].region] + p * PAGE))
+				if (tio_page_zero(m->src[runs[i].region] + p * PAGE))
 					want_zero++;
 				else
 					want_data++;
@@ -321,7 +254,7 @@ static void transfer(struct mem *m, unsigned qps, bool zeroed)
 
 	/* The source leaving cleanly is not an error on the destination. */
 	xport_src_free(src);
-	sleep_ms(200);
+	tio_sleep_ms(200);
 	assert_int_equal(xport_dst_wait_fence(dst, batches, 5000), 0);
 	xport_dst_free(dst);
 }
@@ -419,16 +352,16 @@ static struct rdma_cm_event *raw_event(struct raw *c, int timeout_ms)
 static struct ibv_wc raw_wc(struct raw *c, int timeout_ms)
 {
 	struct ibv_wc wc;
-	int64_t end = now_ms() + timeout_ms;
+	int64_t end = tio_now_ms() + timeout_ms;
 
 	for (;;) {
 		int n = ibv_poll_cq(c->cq, 1, &wc);
 		assert_true(n >= 0);
 		if (n == 1)
 			return wc;
-		if (now_ms() > end)
+		if (tio_now_ms() > end)
 			fail_msg("no completion within %d ms", timeout_ms);
-		sleep_ms(1);
+		tio_sleep_ms(1);
 	}
 }
 
@@ -679,10 +612,10 @@ static void keys_die_with_dst(void **state)
 	assert_true(raw_connect(&c, xport_dst_rdma_port(dst), token, 0, 1));
 	assert_int_equal(raw_write(&c, c.rr[0].addr, c.rr[0].rkey, PAGE, 0x33), IBV_WC_SUCCESS);
 	xport_dst_free(dst);
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	enum ibv_wc_status st = raw_write(&c, c.rr[0].addr + PAGE, c.rr[0].rkey, PAGE, 0x44);
 	print_message("WRITE with the key of a freed destination: %s after %lld ms\n",
-		      ibv_wc_status_str(st), (long long)(now_ms() - t0));
+		      ibv_wc_status_str(st), (long long)(tio_now_ms() - t0));
 	assert_int_not_equal(st, IBV_WC_SUCCESS);
 	for (unsigned i = 0; i < PAGE; i++) {
 		assert_int_equal(m->dst[0][i], 0x33);
@@ -729,9 +662,9 @@ static void keys_die_with_dst(void **state)
 	memset(m->dst[2], 0x5a, 256 * PAGE);
 	for (uint64_t p = 0; p < 256; p++)
 		m->src[2][p * PAGE + 1] ^= 0xff;
-	t0 = now_ms();
+	t0 = tio_now_ms();
 	int r = xport_src_send(src, &run, 1, 2);
-	int64_t took = now_ms() - t0;
+	int64_t took = tio_now_ms() - t0;
 	print_message("send after the destination was freed: %s after %lld ms\n", strerror(-r),
 		      (long long)took);
 	assert_true(r == -ECONNRESET || r == -ETIMEDOUT);
@@ -761,7 +694,7 @@ static void *send_loop(void *arg)
 		if (j->result < 0)
 			break;
 	}
-	j->done_ms = now_ms();
+	j->done_ms = tio_now_ms();
 	return NULL;
 }
 
@@ -782,8 +715,8 @@ static void dst_freed_mid_send(void **state)
 	struct send_job j = { .run = { .region = 2, .first_page = 0, .npages = 1536 } };
 	j.src = open_src(dst, m, 3, 4000000); /* 6 MiB at 4 MB/s: mid-send for sure */
 	assert_int_equal(pthread_create(&th, NULL, send_loop, &j), 0);
-	sleep_ms(500);
-	int64_t t0 = now_ms();
+	tio_sleep_ms(500);
+	int64_t t0 = tio_now_ms();
 	xport_dst_free(dst);
 	pthread_join(th, NULL);
 	print_message("destination freed mid-send: %s after %lld ms\n", strerror(-j.result),
@@ -862,8 +795,8 @@ static void dst_killed_mid_send(void **state)
 	struct send_job j = { .run = { .region = 0, .first_page = 0, .npages = 1536 } };
 	j.src = open_src_to(port, 2, 4000000, &small_reader, &m->src_fd[2], &m->sizes[2], 1);
 	assert_int_equal(pthread_create(&th, NULL, send_loop, &j), 0);
-	sleep_ms(500);
-	int64_t t0 = now_ms();
+	tio_sleep_ms(500);
+	int64_t t0 = tio_now_ms();
 	kill(pid, SIGKILL);
 	waitpid(pid, NULL, 0);
 	pthread_join(th, NULL);
@@ -923,11 +856,11 @@ static void src_killed_mid_send(void **state)
 	int r = xport_dst_wait_fence(dst, 1, 60000);
 	if (r)
 		fail_msg("first fence from the child: %s (%s)", strerror(-r), xport_dst_error(dst));
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	kill(pid, SIGKILL);
 	waitpid(pid, NULL, 0);
 	r = xport_dst_wait_fence(dst, 1000000, 60000);
-	int64_t took = now_ms() - t0;
+	int64_t took = tio_now_ms() - t0;
 	print_message("source killed mid-send: wait_fence %s after %lld ms (%s)\n", strerror(-r),
 		      (long long)took, xport_dst_error(dst));
 	assert_int_equal(r, -ECONNRESET);
@@ -939,7 +872,7 @@ static void src_killed_mid_send(void **state)
 		xport_dst_stats(dst, &ds);
 		if (!ds.streams)
 			break;
-		sleep_ms(50);
+		tio_sleep_ms(50);
 	}
 	assert_int_equal(ds.streams, 0);
 	xport_dst_free(dst);
@@ -947,7 +880,7 @@ static void src_killed_mid_send(void **state)
 
 static void *cancel_later(void *arg)
 {
-	sleep_ms(400);
+	tio_sleep_ms(400);
 	xport_src_cancel(arg);
 	return NULL;
 }
@@ -962,9 +895,9 @@ static void cancel_throttled_send(void **state)
 	struct xport_src *src = open_src(dst, m, 2, 500000); /* 6 MiB at 0.5 MB/s: 12 s */
 	struct page_run run = { .region = 2, .first_page = 0, .npages = 1536 };
 	assert_int_equal(pthread_create(&th, NULL, cancel_later, src), 0);
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	assert_int_equal(xport_src_send(src, &run, 1, 1), -ECANCELED);
-	int64_t took = now_ms() - t0;
+	int64_t took = tio_now_ms() - t0;
 	pthread_join(th, NULL);
 	assert_true(took >= 300 && took < 5000);
 	assert_int_equal(xport_src_send(src, &run, 1, 2), -ECANCELED);
@@ -981,14 +914,14 @@ static void bandwidth_cap(void **state)
 	struct xport_dst *dst = open_dst(m, NR_REGIONS, 3, XPORT_RDMA_DST_ZEROED);
 	struct xport_src *src = open_src(dst, m, 3, 0);
 	/* Uncapped first, for reference (and the destination's pages get touched). */
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	assert_int_equal(xport_src_send(src, &run, 1, 1), 0);
-	int64_t free_ms = now_ms() - t0;
+	int64_t free_ms = tio_now_ms() - t0;
 	/* Capped at 3 MB/s: 6.3 MB need ~2 s (less the first burst of 256 KiB). */
 	xport_src_set_bandwidth(src, 3000000);
-	t0 = now_ms();
+	t0 = tio_now_ms();
 	assert_int_equal(xport_src_send(src, &run, 1, 2), 0);
-	int64_t capped_ms = now_ms() - t0;
+	int64_t capped_ms = tio_now_ms() - t0;
 	assert_int_equal(xport_dst_wait_fence(dst, 2, 10000), 0);
 	print_message("6 MiB uncapped: %lld ms (%.1f MB/s); capped at 3 MB/s: %lld ms\n",
 		      (long long)free_ms, 6.29e6 / 1e3 / (double)(free_ms ? free_ms : 1),
@@ -1024,11 +957,11 @@ static void postcopy_fetch(void **state)
 	if (r)
 		fail_msg("fetch: %s (%s)", strerror(-r), xport_dst_error(dst));
 	assert_memory_equal(m->dst[1] + 100 * PAGE, m->src[1] + 100 * PAGE, PAGE);
-	assert_true(page_zero(m->dst[1] + 99 * PAGE) && page_zero(m->dst[1] + 101 * PAGE));
+	assert_true(tio_page_zero(m->dst[1] + 99 * PAGE) && tio_page_zero(m->dst[1] + 101 * PAGE));
 	/* A whole region, more than one READ's worth. */
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	assert_int_equal(xport_dst_rdma_fetch(dst, 2, 0, 1536, 30000), 0);
-	print_message("fetched 6 MiB with RDMA READ in %lld ms\n", (long long)(now_ms() - t0));
+	print_message("fetched 6 MiB with RDMA READ in %lld ms\n", (long long)(tio_now_ms() - t0));
 	assert_memory_equal(m->dst[2], m->src[2], 1536 * PAGE);
 	/* The write path still works beside it. */
 	struct page_run run = { .region = 0, .first_page = 3, .npages = 40 };
@@ -1070,13 +1003,13 @@ static void setup_errors(void **state)
 	dst = open_dst(m, NR_REGIONS, 2, 0);
 	uint16_t port = xport_dst_rdma_port(dst);
 	xport_dst_free(dst);
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	int r = xport_src_rdma_new(&cfg, dst_ip, port, token, m->src_fd, m->sizes, NR_REGIONS,
 				   &src, err, sizeof(err));
 	print_message("no listener: %s (%s) after %lld ms\n", strerror(-r), err,
-		      (long long)(now_ms() - t0));
+		      (long long)(tio_now_ms() - t0));
 	assert_true(r < 0);
-	assert_true(now_ms() - t0 < 30000);
+	assert_true(tio_now_ms() - t0 < 30000);
 	assert_ptr_equal(src, (struct xport_src *)&cfg);
 
 	/* The wrong token: the destination rejects, and says why. */
@@ -1123,10 +1056,10 @@ static void throughput(void **state)
 		struct xport_dst *dst = open_dst(m, NR_REGIONS, qps[k], XPORT_RDMA_DST_ZEROED);
 		struct xport_src *src = open_src_to(xport_dst_rdma_port(dst), qps[k], 0, &rc,
 						    m->src_fd, m->sizes, NR_REGIONS);
-		int64_t t0 = now_ms();
+		int64_t t0 = tio_now_ms();
 		for (uint64_t f = 1; f <= 3; f++)
 			assert_int_equal(xport_src_send(src, runs, NR_REGIONS, f), 0);
-		int64_t ms = now_ms() - t0;
+		int64_t ms = tio_now_ms() - t0;
 		assert_int_equal(xport_dst_wait_fence(dst, 3, 10000), 0);
 		print_message("throughput, %u qp%s: 36 MiB in %lld ms = %.1f MB/s\n", qps[k],
 			      qps[k] > 1 ? "s" : "", (long long)ms,

@@ -35,6 +35,8 @@
 #include <unistd.h>
 #include <cmocka.h>
 
+#include "tio.h"
+
 #include "transport/transport.h"
 
 #define PAGE 4096u
@@ -45,140 +47,12 @@ static const uint8_t token[XPORT_TOKEN_LEN] = "0123456789abcdef";
 
 /* ---------------- helpers ---------------- */
 
-static uint64_t mix(uint64_t x)
-{
-	x += 0x9e3779b97f4a7c15ull;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-	return x ^ (x >> 31);
-}
-
-static uint64_t rng_state = 0x5eed;
-
-static uint64_t rnd(void)
-{
-	rng_state = mix(rng_state);
-	return rng_state;
-}
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(unsigned ms)
-{
-	struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
-
-	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-		;
-}
-
-static int listen_any(uint16_t *ret_port)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	socklen_t al = sizeof(a);
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-	assert_true(fd >= 0);
-	assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-	assert_int_equal(listen(fd, 128), 0);
-	assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &al), 0);
-	*ret_port = ntohs(a.sin_port);
-	return fd;
-}
-
-/* A connected loopback TCP pair: *a is the "source" end, *b the accepted one. */
-static void tcp_pair(int *a, int *b)
-{
-	uint16_t port;
-	int l = listen_any(&port);
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port),
-				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-
-	*a = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	assert_true(*a >= 0);
-	assert_int_equal(connect(*a, (struct sockaddr *)&sa, sizeof(sa)), 0);
-	*b = accept(l, NULL, NULL);
-	assert_true(*b >= 0);
-	close(l);
-}
-
-static void write_all(int fd, const void *p, size_t n)
-{
-	const uint8_t *b = p;
-
-	while (n) {
-		ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
-		if (w < 0 && errno == EINTR)
-			continue;
-		assert_true(w > 0);
-		b += w;
-		n -= (size_t)w;
-	}
-}
-
-static void read_all(int fd, void *p, size_t n)
-{
-	uint8_t *b = p;
-
-	while (n) {
-		ssize_t r = recv(fd, b, n, 0);
-		if (r < 0 && errno == EINTR)
-			continue;
-		assert_true(r > 0);
-		b += r;
-		n -= (size_t)r;
-	}
-}
-
-/* A memfd of `size` bytes, mapped shared; *ret_fd stays open. */
-static uint8_t *memfd_map(uint64_t size, int *ret_fd)
-{
-	int fd = memfd_create("ferry-test", MFD_CLOEXEC);
-
-	assert_true(fd >= 0);
-	assert_int_equal(ftruncate(fd, (off_t)size), 0);
-	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	assert_true(p != MAP_FAILED);
-	*ret_fd = fd;
-	return p;
-}
-
 static uint64_t memfd_allocated(int fd)
 {
 	struct stat st;
 
 	assert_int_equal(fstat(fd, &st), 0);
 	return (uint64_t)st.st_blocks * 512;
-}
-
-static bool page_zero(const uint8_t *p)
-{
-	for (unsigned i = 0; i < PAGE; i++)
-		if (p[i])
-			return false;
-	return true;
-}
-
-/* Page p gets fresh random content, or zeros with probability 1/5. */
-static void fill_page(uint8_t *p, uint64_t salt)
-{
-	if (rnd() % 5 == 0) {
-		memset(p, 0, PAGE);
-		return;
-	}
-	uint64_t *w = (uint64_t *)p;
-	for (unsigned i = 0; i < PAGE / 8; i++)
-		w[i] = mix(salt ^ rnd() ^ i);
-	/* Some data pages are zero but for one byte, which a sloppy zero test would miss. */
-	if (rnd() % 8 == 0) {
-		memset(p, 0, PAGE);
-		p[rnd() % PAGE] = 1;
-	}
 }
 
 /* A valid frame into buf (header + payload); returns its length. */
@@ -236,7 +110,7 @@ static struct xport_src *open_src_hold(unsigned streams, uint64_t bw,
 	char err[256] = "";
 	char hp[64];
 	uint16_t port;
-	int l = listen_any(&port);
+	int l = tio_listen_any(&port);
 
 	if (rc)
 		cfg.reader = *rc;
@@ -255,10 +129,10 @@ static struct xport_src *open_src_hold(unsigned streams, uint64_t bw,
 		struct proto_stream_hello sh;
 
 		assert_true(fd >= 0);
-		read_all(fd, hdr, sizeof(hdr));
+		tio_read_all(fd, hdr, sizeof(hdr));
 		assert_int_equal(proto_hdr_decode(hdr, 64, &h), 0);
 		assert_int_equal(h.type, PROTO_STREAM_HELLO);
-		read_all(fd, payload, h.len);
+		tio_read_all(fd, payload, h.len);
 		assert_int_equal(proto_decode_stream_hello(payload, h.len, &sh, err, sizeof(err)), 0);
 		assert_memory_equal(sh.token, token, XPORT_TOKEN_LEN);
 		assert_true(sh.stream < streams);
@@ -293,10 +167,10 @@ static int big_setup(void **state)
 {
 	struct big *b = calloc(1, sizeof(*b));
 
-	b->src = memfd_map(SRC_SIZE, &b->src_fd);
+	b->src = tio_memfd_map(SRC_SIZE, &b->src_fd);
 	for (uint64_t p = 0; p < SRC_PAGES; p++)
-		fill_page(b->src + p * PAGE, p);
-	b->dst = memfd_map(SRC_SIZE, &b->dst_fd);
+		tio_fill_page(b->src + p * PAGE, p);
+	b->dst = tio_memfd_map(SRC_SIZE, &b->dst_fd);
 	*state = b;
 	return 0;
 }
@@ -315,11 +189,11 @@ static int big_teardown(void **state)
 
 static unsigned random_runs(struct page_run *runs, unsigned max, uint32_t max_len)
 {
-	unsigned n = 1 + (unsigned)(rnd() % max);
+	unsigned n = 1 + (unsigned)(tio_rnd() % max);
 
 	for (unsigned i = 0; i < n; i++) {
-		uint32_t len = 1 + (uint32_t)(rnd() % max_len);
-		uint64_t first = rnd() % (SRC_PAGES - len + 1);
+		uint32_t len = 1 + (uint32_t)(tio_rnd() % max_len);
+		uint64_t first = tio_rnd() % (SRC_PAGES - len + 1);
 		runs[i] = (struct page_run){ .region = 0, .first_page = first, .npages = len };
 	}
 	return n;
@@ -351,10 +225,10 @@ static void transfer(struct big *b, unsigned streams, bool via_fd)
 		/* Rewrite some pages that were sent before, and include them in this batch. */
 		if (fence > 1) {
 			for (unsigned k = 0; k < 8 && n < 64; k++) {
-				uint64_t p = rnd() % SRC_PAGES;
+				uint64_t p = tio_rnd() % SRC_PAGES;
 				if (!sent[p])
 					continue;
-				fill_page(b->src + p * PAGE, p ^ (fence << 32));
+				tio_fill_page(b->src + p * PAGE, p ^ (fence << 32));
 				if (k % 2)
 					memset(b->src + p * PAGE, 0, PAGE); /* data turned zero */
 				runs[n++] = (struct page_run){ .region = 0, .first_page = p,
@@ -365,7 +239,7 @@ static void transfer(struct big *b, unsigned streams, bool via_fd)
 			for (uint64_t p = runs[i].first_page; p < runs[i].first_page + runs[i].npages;
 			     p++) {
 				sent[p] = 1;
-				if (page_zero(b->src + p * PAGE))
+				if (tio_page_zero(b->src + p * PAGE))
 					want_zero++;
 				else
 					want_data++;
@@ -381,7 +255,7 @@ static void transfer(struct big *b, unsigned streams, bool via_fd)
 		if (sent[p]) {
 			if (memcmp(b->dst + p * PAGE, b->src + p * PAGE, PAGE))
 				fail_msg("page %llu differs", (unsigned long long)p);
-		} else if (!page_zero(b->dst + p * PAGE)) {
+		} else if (!tio_page_zero(b->dst + p * PAGE)) {
 			fail_msg("unsent page %llu is not zero", (unsigned long long)p);
 		}
 	}
@@ -452,14 +326,14 @@ static void resend(struct big *b, bool via_fd)
 
 	memset(b->dst, 0, SRC_SIZE);
 	for (unsigned i = 0; i < 200; i++)
-		hot[i] = rnd() % SRC_PAGES;
+		hot[i] = tio_rnd() % SRC_PAGES;
 	assert_int_equal(xport_dst_tcp_new(&reg, 1, 8, &dst), 0);
 	/* ~100 KiB a batch lands on stream 0: all of it fits in its socket buffers. */
 	struct xport_src *src =
 		open_src_hold(8, 0, &small_reader, b->src_fd, SRC_SIZE, dst, held, 1u << 0);
 	for (uint64_t fence = 1; fence <= last; fence++) {
 		for (unsigned i = 0; i < 200; i++) {
-			fill_page(b->src + hot[i] * PAGE, hot[i] ^ (fence << 40));
+			tio_fill_page(b->src + hot[i] * PAGE, hot[i] ^ (fence << 40));
 			runs[i] = (struct page_run){ .region = 0, .first_page = hot[i], .npages = 1 };
 		}
 		assert_int_equal(xport_src_send(src, runs, 200, fence), 0);
@@ -572,7 +446,7 @@ static void guarded_open(struct guarded *g, unsigned streams)
 	memset(g->region, 0x11, REG_PAGES * PAGE);
 	struct xport_region reg = { .hva = g->region, .size = REG_PAGES * PAGE };
 	assert_int_equal(xport_dst_tcp_new(&reg, 1, streams, &g->dst), 0);
-	tcp_pair(&g->src_fd, &fd);
+	tio_tcp_pair(&g->src_fd, &fd);
 	assert_int_equal(xport_dst_add_stream(g->dst, fd, 0), 0);
 }
 
@@ -636,8 +510,8 @@ static void write_outside_regions(void **state)
 	/* Region id past the end. */
 	guarded_open(&g, 1);
 	n = pages_frame_hdr(buf, 7, 0, 1, NULL, PAGE);
-	write_all(g.src_fd, buf, n);
-	write_all(g.src_fd, page, PAGE);
+	tio_write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, page, PAGE);
 	guarded_expect_error(&g, -EPROTO, "stream 0: PAGES for region 7 but only 1 regions");
 	assert_peer_closed(g.src_fd);
 	guarded_check(&g, true);
@@ -646,9 +520,9 @@ static void write_outside_regions(void **state)
 	/* A run that starts inside and ends past the region. */
 	guarded_open(&g, 1);
 	n = pages_frame_hdr(buf, 0, REG_PAGES - 2, 4, NULL, 4 * PAGE);
-	write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, buf, n);
 	for (int i = 0; i < 4; i++)
-		write_all(g.src_fd, page, PAGE);
+		tio_write_all(g.src_fd, page, PAGE);
 	guarded_expect_error(&g, -EPROTO, "outside region 0");
 	guarded_check(&g, true);
 	guarded_close(&g);
@@ -661,7 +535,7 @@ static void write_outside_regions(void **state)
 	n = pages_frame_hdr(buf, 0, 0, 8, zeros, 0);
 	uint64_t wrap = UINT64_MAX - 3; /* patched in: the encoder refuses to write it */
 	memcpy(buf + PROTO_HDR_LEN + 4, &wrap, 8);
-	write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, buf, n);
 	guarded_expect_error(&g, -EPROTO, "stream 0: ");
 	guarded_check(&g, true);
 	guarded_close(&g);
@@ -669,16 +543,16 @@ static void write_outside_regions(void **state)
 	/* Valid pages first, then a bad frame: the good write stays, nothing else happens. */
 	guarded_open(&g, 1);
 	n = pages_frame_hdr(buf, 0, 3, 1, NULL, PAGE);
-	write_all(g.src_fd, buf, n);
-	write_all(g.src_fd, page, PAGE);
+	tio_write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, page, PAGE);
 	n = fence_frame(buf, 1);
-	write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, buf, n);
 	assert_int_equal(xport_dst_wait_fence(g.dst, 1, 5000), 0);
 	assert_int_equal(g.region[3 * PAGE], 0x77);
 	assert_int_equal(g.region[4 * PAGE - 1], 0x77);
 	n = pages_frame_hdr(buf, 0, REG_PAGES, 1, NULL, PAGE);
-	write_all(g.src_fd, buf, n);
-	write_all(g.src_fd, page, PAGE);
+	tio_write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, page, PAGE);
 	int r = xport_dst_wait_fence(g.dst, 2, 5000);
 	assert_int_equal(r, -EPROTO);
 	assert_non_null(strstr(xport_dst_error(g.dst), "outside region 0"));
@@ -698,7 +572,7 @@ static void garbage_on_stream(void **state)
 	/* Plain garbage: an HTTP request on a data stream. */
 	guarded_open(&g, 1);
 	const char *http = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-	write_all(g.src_fd, http, strlen(http));
+	tio_write_all(g.src_fd, http, strlen(http));
 	guarded_expect_error(&g, -EPROTO, "bad frame header");
 	assert_peer_closed(g.src_fd);
 	guarded_check(&g, true);
@@ -707,7 +581,7 @@ static void garbage_on_stream(void **state)
 	/* A well-formed control frame where only data frames belong. */
 	guarded_open(&g, 1);
 	n = frame(buf, PROTO_HELLO, "hello", 5);
-	write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, buf, n);
 	guarded_expect_error(&g, -EPROTO, "unexpected");
 	guarded_close(&g);
 
@@ -715,7 +589,7 @@ static void garbage_on_stream(void **state)
 	guarded_open(&g, 1);
 	n = fence_frame(buf, 5);
 	n += fence_frame(buf + n, 4);
-	write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, buf, n);
 	/* (Fence 5 itself would be reached before the bad one is read: wait past it.) */
 	guarded_expect_error_at(&g, 6, -EPROTO, "FENCE 4 after FENCE 5");
 	guarded_close(&g);
@@ -723,7 +597,7 @@ static void garbage_on_stream(void **state)
 	/* A PAGES frame whose length disagrees with its header (one page too many). */
 	guarded_open(&g, 1);
 	n = pages_frame_hdr(buf, 0, 0, 1, NULL, 2 * PAGE);
-	write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, buf, n);
 	guarded_expect_error(&g, -EPROTO, "PAGES");
 	guarded_check(&g, true);
 	guarded_close(&g);
@@ -731,7 +605,7 @@ static void garbage_on_stream(void **state)
 	/* A PAGES frame shorter than any header. */
 	guarded_open(&g, 1);
 	n = frame(buf, PROTO_PAGES, "abc", 3);
-	write_all(g.src_fd, buf, n);
+	tio_write_all(g.src_fd, buf, n);
 	guarded_expect_error(&g, -EPROTO, "no valid header");
 	guarded_close(&g);
 
@@ -739,7 +613,7 @@ static void garbage_on_stream(void **state)
 	guarded_open(&g, 1);
 	n = pages_frame_hdr(buf, 0, 0, 2, NULL, 2 * PAGE);
 	memset(buf + n, 0x42, 100);
-	write_all(g.src_fd, buf, n + 100);
+	tio_write_all(g.src_fd, buf, n + 100);
 	shutdown(g.src_fd, SHUT_WR);
 	guarded_expect_error(&g, -ECONNRESET, "closed mid-frame");
 	guarded_close(&g);
@@ -753,15 +627,15 @@ static void garbage_on_stream(void **state)
 		uint8_t data[2 * PAGE];
 		uint64_t zm[16] = { 0 };
 		guarded_open(&g, 1);
-		zm[0] = rnd() & 3;
+		zm[0] = tio_rnd() & 3;
 		uint32_t nz = (uint32_t)__builtin_popcountll(zm[0]);
-		n = pages_frame_hdr(buf, 0, rnd() % REG_PAGES, 2, zm, (2 - nz) * PAGE);
-		unsigned flips = 1 + (unsigned)(rnd() % 3);
+		n = pages_frame_hdr(buf, 0, tio_rnd() % REG_PAGES, 2, zm, (2 - nz) * PAGE);
+		unsigned flips = 1 + (unsigned)(tio_rnd() % 3);
 		for (unsigned f = 0; f < flips; f++)
-			buf[rnd() % n] ^= (uint8_t)(1u << (rnd() % 8));
+			buf[tio_rnd() % n] ^= (uint8_t)(1u << (tio_rnd() % 8));
 		memset(data, 0x99, sizeof(data));
-		write_all(g.src_fd, buf, n);
-		(void)!send(g.src_fd, data, (size_t)(rnd() % (sizeof(data) + 1)), MSG_NOSIGNAL);
+		tio_write_all(g.src_fd, buf, n);
+		(void)!send(g.src_fd, data, (size_t)(tio_rnd() % (sizeof(data) + 1)), MSG_NOSIGNAL);
 		shutdown(g.src_fd, SHUT_WR);
 		int r = xport_dst_wait_fence(g.dst, 1, 5000);
 		if (r >= 0 || r == -ETIMEDOUT)
@@ -785,18 +659,18 @@ static void fence_timeout(void **state)
 	size_t n;
 
 	assert_int_equal(xport_dst_tcp_new(&reg, 1, 2, &dst), 0);
-	tcp_pair(&a0, &b0);
-	tcp_pair(&a1, &b1);
+	tio_tcp_pair(&a0, &b0);
+	tio_tcp_pair(&a1, &b1);
 	assert_int_equal(xport_dst_add_stream(dst, b0, 0), 0);
 	assert_int_equal(xport_dst_add_stream(dst, b0, 0), -EEXIST);
 	assert_int_equal(xport_dst_add_stream(dst, b1, 2), -EINVAL);
 
 	/* Stream 0 reached fence 1; stream 1 is not even there yet. */
 	n = fence_frame(buf, 1);
-	write_all(a0, buf, n);
-	int64_t t0 = now_ms();
+	tio_write_all(a0, buf, n);
+	int64_t t0 = tio_now_ms();
 	assert_int_equal(xport_dst_wait_fence(dst, 1, 200), -ETIMEDOUT);
-	int64_t took = now_ms() - t0;
+	int64_t took = tio_now_ms() - t0;
 	assert_true(took >= 190 && took < 2000);
 
 	/* Stream 1 arrives and stays silent. */
@@ -805,19 +679,19 @@ static void fence_timeout(void **state)
 	assert_int_equal(xport_dst_wait_fence(dst, 1, 0), -ETIMEDOUT);
 
 	/* Now it sends its fence: the wait completes at once. */
-	write_all(a1, buf, n);
+	tio_write_all(a1, buf, n);
 	assert_int_equal(xport_dst_wait_fence(dst, 1, 5000), 0);
 	assert_int_equal(xport_dst_wait_fence(dst, 0, 0), 0);
 	n = fence_frame(buf, 3);
-	write_all(a0, buf, n);
-	write_all(a1, buf, n);
+	tio_write_all(a0, buf, n);
+	tio_write_all(a1, buf, n);
 	assert_int_equal(xport_dst_wait_fence(dst, 2, 5000), 0);
 	assert_int_equal(xport_dst_wait_fence(dst, 3, 5000), 0);
 	assert_int_equal(xport_dst_wait_fence(dst, 4, 50), -ETIMEDOUT);
 
 	/* A stream closing after its last fence is fine for that fence... */
 	close(a0);
-	sleep_ms(50);
+	tio_sleep_ms(50);
 	assert_int_equal(xport_dst_wait_fence(dst, 3, 1000), 0);
 	assert_string_equal(xport_dst_error(dst), "");
 	struct xport_dst_stats ds;
@@ -851,7 +725,7 @@ static void *send_loop(void *arg)
 		if (j->result < 0)
 			break;
 	}
-	j->done_ms = now_ms();
+	j->done_ms = tio_now_ms();
 	return NULL;
 }
 
@@ -866,8 +740,8 @@ static void peer_vanishes(void **state)
 	struct send_job j = { .run = { .region = 0, .first_page = 0, .npages = SRC_PAGES } };
 	j.src = open_src(4, 0, &small_reader, b->src_fd, SRC_SIZE, dst, NULL);
 	assert_int_equal(pthread_create(&th, NULL, send_loop, &j), 0);
-	sleep_ms(100);
-	int64_t t0 = now_ms();
+	tio_sleep_ms(100);
+	int64_t t0 = tio_now_ms();
 	xport_dst_free(dst); /* closes every stream with data unread: the source sees resets */
 	pthread_join(th, NULL);
 	if (j.result != -ECONNRESET && j.result != -EPIPE)
@@ -880,7 +754,7 @@ static void peer_vanishes(void **state)
 
 static void *cancel_later(void *arg)
 {
-	sleep_ms(300);
+	tio_sleep_ms(300);
 	xport_src_cancel(arg);
 	return NULL;
 }
@@ -897,9 +771,9 @@ static void cancel_stuck_send(void **state)
 		b->src[p * PAGE] |= 1; /* no zero pages: every page is data */
 	struct xport_src *src = open_src(4, 0, &small_reader, b->src_fd, SRC_SIZE, NULL, held);
 	assert_int_equal(pthread_create(&th, NULL, cancel_later, src), 0);
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	int r = xport_src_send(src, &run, 1, 1);
-	int64_t took = now_ms() - t0;
+	int64_t took = tio_now_ms() - t0;
 	pthread_join(th, NULL);
 	assert_int_equal(r, -ECANCELED);
 	assert_true(took >= 250 && took < 3000);
@@ -921,9 +795,9 @@ static void cancel_throttled_send(void **state)
 	assert_int_equal(xport_dst_tcp_new(&reg, 1, 2, &dst), 0);
 	struct xport_src *src = open_src(2, 1000000, &small_reader, b->src_fd, SRC_SIZE, dst, NULL);
 	assert_int_equal(pthread_create(&th, NULL, cancel_later, src), 0);
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	assert_int_equal(xport_src_send(src, &run, 1, 1), -ECANCELED);
-	assert_true(now_ms() - t0 < 3000);
+	assert_true(tio_now_ms() - t0 < 3000);
 	pthread_join(th, NULL);
 	xport_src_free(src);
 	xport_dst_free(dst);
@@ -942,9 +816,9 @@ static void bandwidth_cap(void **state)
 	assert_int_equal(xport_dst_tcp_new(&reg, 1, 4, &dst), 0);
 	struct xport_src *src =
 		open_src(4, 50000000, &small_reader, b->src_fd, SRC_SIZE, dst, NULL);
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	assert_int_equal(xport_src_send(src, &run, 1, 1), 0);
-	int64_t took = now_ms() - t0;
+	int64_t took = tio_now_ms() - t0;
 	assert_int_equal(xport_dst_wait_fence(dst, 1, 5000), 0);
 	print_message("bandwidth cap 50 MB/s: 20 MB took %lld ms\n", (long long)took);
 	assert_true(took >= 350);
@@ -953,9 +827,9 @@ static void bandwidth_cap(void **state)
 	/* Lifting the cap: the same batch goes faster. */
 	int64_t capped = took;
 	xport_src_set_bandwidth(src, 0);
-	t0 = now_ms();
+	t0 = tio_now_ms();
 	assert_int_equal(xport_src_send(src, &run, 1, 2), 0);
-	took = now_ms() - t0;
+	took = tio_now_ms() - t0;
 	assert_int_equal(xport_dst_wait_fence(dst, 2, 5000), 0);
 	assert_true(took < capped);
 	assert_memory_equal(b->dst + run.first_page * PAGE, b->src + run.first_page * PAGE,
@@ -972,7 +846,7 @@ static void src_connect_fails(void **state)
 	char err[256] = "", hp[64];
 	uint16_t port;
 	uint64_t size = SRC_SIZE;
-	int l = listen_any(&port);
+	int l = tio_listen_any(&port);
 
 	close(l); /* nobody listens there any more */
 	snprintf(hp, sizeof(hp), "127.0.0.1:%u", port);
@@ -1047,7 +921,7 @@ struct ctl_pair {
 static void ctl_open(struct ctl_pair *p)
 {
 	uint16_t port;
-	int l = listen_any(&port), fd;
+	int l = tio_listen_any(&port), fd;
 	char hp[64], err[256] = "", want[64];
 
 	snprintf(hp, sizeof(hp), "127.0.0.1:%u", port);
@@ -1128,7 +1002,7 @@ static void ctl_roundtrip(void **state)
 	struct big_send bs = { .c = p.a, .len = 8u << 20 };
 	bs.payload = malloc(bs.len);
 	for (size_t i = 0; i < bs.len; i++)
-		((uint8_t *)bs.payload)[i] = (uint8_t)mix(i);
+		((uint8_t *)bs.payload)[i] = (uint8_t)tio_mix(i);
 	pthread_t th;
 	assert_int_equal(pthread_create(&th, NULL, big_send_main, &bs), 0);
 	expect_msg(p.b, PROTO_STATE, bs.payload, bs.len);
@@ -1147,7 +1021,7 @@ static void ctl_timeout_resumes(void **state)
 {
 	(void)state;
 	uint16_t port;
-	int l = listen_any(&port);
+	int l = tio_listen_any(&port);
 	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port),
 				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	int raw = socket(AF_INET, SOCK_STREAM, 0);
@@ -1162,19 +1036,19 @@ static void ctl_timeout_resumes(void **state)
 	close(l);
 
 	/* Nothing at all. */
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	assert_int_equal(xctl_recv(c, &t, &pl, &len, 150, err, sizeof(err)), -ETIMEDOUT);
-	assert_true(now_ms() - t0 >= 140);
+	assert_true(tio_now_ms() - t0 >= 140);
 	assert_int_equal(xctl_recv(c, &t, &pl, &len, 0, err, sizeof(err)), -ETIMEDOUT);
 
 	/* Half a header, then the rest of the header and half the payload, then the rest. */
 	uint8_t buf[64];
 	size_t n = frame(buf, PROTO_ABORT, "0123456789", 10);
-	write_all(raw, buf, 5);
+	tio_write_all(raw, buf, 5);
 	assert_int_equal(xctl_recv(c, &t, &pl, &len, 100, err, sizeof(err)), -ETIMEDOUT);
-	write_all(raw, buf + 5, 12);
+	tio_write_all(raw, buf + 5, 12);
 	assert_int_equal(xctl_recv(c, &t, &pl, &len, 100, err, sizeof(err)), -ETIMEDOUT);
-	write_all(raw, buf + 17, n - 17);
+	tio_write_all(raw, buf + 17, n - 17);
 	expect_msg(c, PROTO_ABORT, "0123456789", 10);
 
 	/* The peer closes: -ECONNRESET, and it stays that way. */
@@ -1187,7 +1061,7 @@ static void ctl_timeout_resumes(void **state)
 
 static void *interrupt_later(void *arg)
 {
-	sleep_ms(150);
+	tio_sleep_ms(150);
 	xctl_interrupt(arg);
 	return NULL;
 }
@@ -1204,9 +1078,9 @@ static void ctl_interrupt(void **state)
 
 	ctl_open(&p);
 	assert_int_equal(pthread_create(&th, NULL, interrupt_later, p.b), 0);
-	int64_t t0 = now_ms();
+	int64_t t0 = tio_now_ms();
 	assert_int_equal(xctl_recv(p.b, &t, &pl, &len, -1, err, sizeof(err)), -ECANCELED);
-	assert_true(now_ms() - t0 < 3000);
+	assert_true(tio_now_ms() - t0 < 3000);
 	pthread_join(th, NULL);
 	/* One interrupt, one cancelled wait: the next wait times out normally... */
 	assert_int_equal(xctl_recv(p.b, &t, &pl, &len, 50, err, sizeof(err)), -ETIMEDOUT);
@@ -1237,16 +1111,16 @@ static void ctl_garbage(void **state)
 		char err[256] = "";
 		uint8_t hdr[PROTO_HDR_LEN];
 
-		tcp_pair(&a, &b);
+		tio_tcp_pair(&a, &b);
 		assert_int_equal(xctl_from_fd(b, &c), 0);
 		if (junk[k]) {
-			write_all(a, junk[k], strlen(junk[k]));
+			tio_write_all(a, junk[k], strlen(junk[k]));
 		} else if (k == 1) {
 			proto_hdr_encode(hdr, PROTO_STATE, PROTO_MAX_CTRL_PAYLOAD + 1);
-			write_all(a, hdr, sizeof(hdr));
+			tio_write_all(a, hdr, sizeof(hdr));
 		} else {
 			proto_hdr_encode(hdr, 200, 0);
-			write_all(a, hdr, sizeof(hdr));
+			tio_write_all(a, hdr, sizeof(hdr));
 		}
 		assert_int_equal(xctl_recv(c, &t, &pl, &len, 2000, err, sizeof(err)), -EBADMSG);
 		assert_non_null(strstr(err, "bad frame header"));
@@ -1265,7 +1139,7 @@ static void ctl_connect_errors(void **state)
 	struct xctl *c = (struct xctl *)&c;
 	char err[256];
 	uint16_t port;
-	int l = listen_any(&port);
+	int l = tio_listen_any(&port);
 	char hp[64];
 
 	close(l);
@@ -1300,7 +1174,7 @@ static void ctl_connect_errors(void **state)
 		close(l6);
 
 	/* A name that resolves. */
-	l = listen_any(&port);
+	l = tio_listen_any(&port);
 	snprintf(hp, sizeof(hp), "localhost:%u", port);
 	int r = xctl_connect(hp, 1000, &c, err, sizeof(err));
 	if (r == 0)
