@@ -130,6 +130,9 @@ struct migration_request {
 	enum migration_transport transport;
 	/* Policy overrides (docs/scheduler.md); -1 = the agent's policy.* setting. */
 	int allow_postcopy;                 /* 0/1 */
+	/* postcopy once this many precopy rounds are done (0..1000); -1 = only as a last
+	 * resort; -2 = the agent's policy.postcopy_start / postcopy_precopy_rounds */
+	int postcopy_after_rounds;
 	int timeout_action;                 /* enum ferry_config_timeout_action */
 	int64_t completion_timeout_per_gib; /* s; 0 = none */
 	int64_t progress_timeout;           /* s; 0 = none */

@@ -863,8 +863,8 @@ static enum MHD_Result list_migrations(struct api *api, struct MHD_Connection *c
 
 static const char *const migration_create_fields[] = {
     "vm", "to", "downtime_ms", "bandwidth", "streams", "verify", "transport",
-    "allow_postcopy", "timeout_action", "completion_timeout_per_gib", "progress_timeout",
-    "priority", NULL};
+    "allow_postcopy", "postcopy_after_rounds", "timeout_action", "completion_timeout_per_gib",
+    "progress_timeout", "priority", NULL};
 
 /* The per-migration policy overrides (docs/scheduler.md); absent fields keep -1. */
 static int parse_policy_fields(json_t *o, struct migration_request *req, char *msg, size_t mlen)
@@ -877,6 +877,14 @@ static int parse_policy_fields(json_t *o, struct migration_request *req, char *m
 		return -1;
 	if (r)
 		req->allow_postcopy = b;
+	json_t *pa = json_object_get(o, "postcopy_after_rounds");
+	if (pa && !json_is_null(pa)) {
+		if (!json_is_integer(pa) || json_integer_value(pa) < -1 ||
+		    json_integer_value(pa) > 1000)
+			return bad(msg, mlen, "field 'postcopy_after_rounds' must be an integer from "
+					      "-1 (postcopy only as a last resort) to 1000");
+		req->postcopy_after_rounds = (int)json_integer_value(pa);
+	}
 	r = field_string(o, "timeout_action", act, sizeof(act), msg, mlen);
 	if (r < 0)
 		return -1;
@@ -1016,7 +1024,8 @@ static enum MHD_Result get_history(struct api *api, struct MHD_Connection *c, ui
 
 static const char *const evacuate_fields[] = {
     "to", "vms", "downtime_ms", "bandwidth", "streams", "verify", "transport", "allow_postcopy",
-    "timeout_action", "completion_timeout_per_gib", "progress_timeout", "priority", NULL};
+    "postcopy_after_rounds", "timeout_action", "completion_timeout_per_gib", "progress_timeout",
+    "priority", NULL};
 
 #define EVACUATE_DESTS_MAX 16u
 

@@ -67,11 +67,13 @@ struct section {
 static const char *const log_level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const transport_names[] = {"auto", "tcp", "rdma", NULL};
 static const char *const timeout_action_names[] = {"abort", "switchover", "postcopy", NULL};
+static const char *const postcopy_start_names[] = {"last_resort", "early", NULL};
 
 /* K_ENUM fields are written through an unsigned; GCC gives these enums that representation. */
 _Static_assert(sizeof(enum ferry_config_log_level) == sizeof(unsigned), "enum size");
 _Static_assert(sizeof(enum ferry_config_transport) == sizeof(unsigned), "enum size");
 _Static_assert(sizeof(enum ferry_config_timeout_action) == sizeof(unsigned), "enum size");
+_Static_assert(sizeof(enum ferry_config_postcopy_start) == sizeof(unsigned), "enum size");
 
 #define OFF(f) offsetof(struct ferry_config, f)
 #define SIZE(f) sizeof(((struct ferry_config *)0)->f)
@@ -107,6 +109,10 @@ static const struct key policy_keys[] = {
 	{.name = "timeout_action", .kind = K_ENUM, .off = OFF(policy.timeout_action),
 	 .names = timeout_action_names},
 	{.name = "allow_postcopy", .kind = K_BOOL, .off = OFF(policy.allow_postcopy)},
+	{.name = "postcopy_start", .kind = K_ENUM, .off = OFF(policy.postcopy_start),
+	 .names = postcopy_start_names},
+	{.name = "postcopy_precopy_rounds", .kind = K_U32,
+	 .off = OFF(policy.postcopy_precopy_rounds), .min = 0, .max = 1000},
 	{.name = "downtime_steps", .kind = K_U32, .off = OFF(policy.downtime_steps), .min = 0,
 	 .max = 100},
 	{.name = "downtime_step_delay_per_gib", .kind = K_U32,
@@ -196,13 +202,15 @@ void ferry_config_defaults(struct ferry_config *c)
 	c->migration.streams = 4;
 	c->migration.transport = FERRY_CONFIG_TRANSPORT_AUTO;
 	c->migration.verify = false;
-	c->migration.queue_depth = 64;
+	c->migration.queue_depth = 16;
 	c->migration.batch_pages = 256;
 	/* KubeVirt's defaults; see docs/scheduler.md for each. */
 	c->policy.completion_timeout_per_gib = 150;
 	c->policy.progress_timeout = 150;
 	c->policy.timeout_action = FERRY_CONFIG_TIMEOUT_ABORT;
 	c->policy.allow_postcopy = false;
+	c->policy.postcopy_start = FERRY_CONFIG_POSTCOPY_LAST_RESORT;
+	c->policy.postcopy_precopy_rounds = 1;
 	c->policy.downtime_steps = 0;
 	c->policy.downtime_step_delay_per_gib = 75;
 	c->policy.throttle = true;
@@ -1393,6 +1401,10 @@ int ferry_config_validate(const struct ferry_config *c, char *err, size_t errlen
 	if (c->policy.timeout_action == FERRY_CONFIG_TIMEOUT_POSTCOPY && !c->policy.allow_postcopy) {
 		msgf(err, errlen,
 		     "policy.timeout_action: postcopy needs policy.allow_postcopy: true");
+		return -EINVAL;
+	}
+	if (c->policy.postcopy_start == FERRY_CONFIG_POSTCOPY_EARLY && !c->policy.allow_postcopy) {
+		msgf(err, errlen, "policy.postcopy_start: early needs policy.allow_postcopy: true");
 		return -EINVAL;
 	}
 	if (same_listener(&c->control.tcp, &c->migration.listen)) {

@@ -79,12 +79,21 @@ enum ferry_config_timeout_action {
 	FERRY_CONFIG_TIMEOUT_POSTCOPY, /* needs allow_postcopy */
 };
 
+enum ferry_config_postcopy_start {
+	FERRY_CONFIG_POSTCOPY_LAST_RESORT,
+	FERRY_CONFIG_POSTCOPY_EARLY,
+};
+
 /* The migration policy (scheduler/): timeouts, downtime stepping, throttling, postcopy. */
 struct ferry_config_policy {
 	uint32_t completion_timeout_per_gib; /* s per GiB of guest memory; 0 = off */
 	uint32_t progress_timeout;           /* s without a new low of remaining; 0 = off */
 	enum ferry_config_timeout_action timeout_action;
 	bool allow_postcopy;
+	/* early: postcopy once postcopy_precopy_rounds precopy rounds are done (needs
+	 * allow_postcopy); last_resort: only on a hopeless stall or a timeout */
+	enum ferry_config_postcopy_start postcopy_start;
+	uint32_t postcopy_precopy_rounds;    /* 0..1000; 0 = no precopy round at all */
 	uint32_t downtime_steps;             /* 0 = the full target from the start */
 	uint32_t downtime_step_delay_per_gib; /* s between steps per GiB */
 	bool throttle;                       /* per-vCPU dirty limits when precopy stalls */

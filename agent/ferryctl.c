@@ -321,6 +321,7 @@ struct opts {
 	bool wait;
 	const char *since, *offset;
 	int postcopy; /* -1 unset */
+	long postcopy_after; /* -2 unset, -1 off */
 	const char *timeout_action;
 	long completion_timeout, progress_timeout, priority; /* -1 unset */
 };
@@ -768,6 +769,8 @@ static void put_migration_settings(json_t *body, const struct opts *o)
 		json_object_set_new(body, "transport", json_string(o->transport));
 	if (o->postcopy >= 0)
 		json_object_set_new(body, "allow_postcopy", json_boolean(o->postcopy));
+	if (o->postcopy_after >= -1)
+		json_object_set_new(body, "postcopy_after_rounds", json_integer(o->postcopy_after));
 	if (o->timeout_action)
 		json_object_set_new(body, "timeout_action", json_string(o->timeout_action));
 	if (o->completion_timeout >= 0)
@@ -1154,7 +1157,8 @@ static void usage(FILE *f)
 		"  vm dump NAME FILE             write guest memory to FILE (on the agent's host)\n"
 		"  migrate NAME --to HOST:PORT [--downtime MS] [--bandwidth RATE] [--streams N]\n"
 		"          [--verify|--no-verify] [--transport auto|tcp|rdma] [--wait]\n"
-		"          [--postcopy|--no-postcopy] [--timeout-action abort|switchover|postcopy]\n"
+		"          [--postcopy|--no-postcopy] [--postcopy-after ROUNDS|off]\n"
+		"          [--timeout-action abort|switchover|postcopy]\n"
 		"          [--completion-timeout S_PER_GIB] [--progress-timeout S] [--priority 0..100]\n"
 		"  migration list\n"
 		"  migration show|cancel|switchover|history ID\n"
@@ -1196,6 +1200,7 @@ enum opt_id {
 	O_COMPLETION_TIMEOUT,
 	O_PROGRESS_TIMEOUT,
 	O_PRIORITY,
+	O_POSTCOPY_AFTER,
 };
 #define BIT(o) (1ull << (o))
 #define COMMON (BIT(O_SOCKET) | BIT(O_JSON) | BIT(O_HELP))
@@ -1204,7 +1209,7 @@ enum opt_id {
 	(BIT(O_TO) | BIT(O_DOWNTIME) | BIT(O_BANDWIDTH) | BIT(O_STREAMS) | BIT(O_VERIFY) |   \
 	 BIT(O_NO_VERIFY) | BIT(O_TRANSPORT) | BIT(O_WAIT) | BIT(O_POSTCOPY) |                \
 	 BIT(O_NO_POSTCOPY) | BIT(O_TIMEOUT_ACTION) | BIT(O_COMPLETION_TIMEOUT) |             \
-	 BIT(O_PROGRESS_TIMEOUT) | BIT(O_PRIORITY))
+	 BIT(O_PROGRESS_TIMEOUT) | BIT(O_PRIORITY) | BIT(O_POSTCOPY_AFTER))
 
 static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int usage_error(const char *fmt, ...)
@@ -1307,6 +1312,7 @@ static int run(struct ctl *ctl, char **pos, int npos, uint64_t seen, const struc
 		    [O_COMPLETION_TIMEOUT] = "--completion-timeout",
 		    [O_PROGRESS_TIMEOUT] = "--progress-timeout",
 		    [O_PRIORITY] = "--priority",
+		    [O_POSTCOPY_AFTER] = "--postcopy-after",
 		};
 		int b = __builtin_ctzll(stray);
 		return usage_error("%s does not apply to '%s'", names[b] ? names[b] : "option",
@@ -1384,6 +1390,7 @@ int main(int argc, char **argv)
 	    {"since", required_argument, NULL, O_SINCE},
 	    {"postcopy", no_argument, NULL, O_POSTCOPY},
 	    {"no-postcopy", no_argument, NULL, O_NO_POSTCOPY},
+	    {"postcopy-after", required_argument, NULL, O_POSTCOPY_AFTER},
 	    {"timeout-action", required_argument, NULL, O_TIMEOUT_ACTION},
 	    {"completion-timeout", required_argument, NULL, O_COMPLETION_TIMEOUT},
 	    {"progress-timeout", required_argument, NULL, O_PROGRESS_TIMEOUT},
@@ -1391,7 +1398,7 @@ int main(int argc, char **argv)
 	    {NULL, 0, NULL, 0},
 	};
 	struct opts o = {.vcpus = 1, .downtime = -1, .streams = -1, .verify = -1, .postcopy = -1,
-			 .completion_timeout = -1, .progress_timeout = -1, .priority = -1};
+			 .postcopy_after = -2, .completion_timeout = -1, .progress_timeout = -1, .priority = -1};
 	struct ctl ctl = {.socket = getenv("FERRY_SOCKET")};
 	uint64_t seen = 0;
 	int c;
@@ -1503,6 +1510,14 @@ int main(int argc, char **argv)
 			if (!parse_long(optarg, 0, 86400, &o.progress_timeout))
 				return usage_error("--progress-timeout takes seconds (0..86400), "
 						   "got '%s'",
+						   optarg);
+			break;
+		case O_POSTCOPY_AFTER:
+			if (!strcmp(optarg, "off"))
+				o.postcopy_after = -1;
+			else if (!parse_long(optarg, 0, 1000, &o.postcopy_after))
+				return usage_error("--postcopy-after takes a number of precopy rounds "
+						   "(0..1000) or 'off', got '%s'",
 						   optarg);
 			break;
 		case O_PRIORITY:

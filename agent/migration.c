@@ -87,6 +87,8 @@ struct migration {
 	struct sched_policy policy;
 	uint64_t precopy_start_ns;
 	uint64_t last_tick_ns;
+	uint64_t setup_offer_ns;   /* source set-up: until VM_ACCEPT (connect, HELLO, offer) */
+	uint64_t setup_streams_ns; /* until the data path was open */
 	uint64_t state_bytes; /* estimate of the switch-over's state transfer */
 	uint64_t mem_bytes;   /* guest memory */
 	double bw_Bps;        /* the latest bandwidth estimate */
@@ -494,12 +496,63 @@ static int runs_add_batch(struct runs *rs, const struct tracker_batch *b, unsign
 }
 
 /*
+ * Drops from a batch the pages that are holes in the slot's memfd: never written since the
+ * VM was created (nothing turns a written page of a running VM's memfd back into a hole),
+ * so zero here, never sent as data, and a hole — zero — in the destination's fresh memory
+ * too. Sound on a batch just taken from the tracker: its pages are re-protected, so a
+ * write from now on shows in the next harvest. Used where most of the set may be holes:
+ * round 1 (every page starts dirty) and the list of pages a postcopy must still move.
+ * Saves reading — and naming — the untouched part of a large guest. Where SEEK_DATA is
+ * not supported nothing is dropped.
+ */
+static void drop_holes(const struct vm_slot *s, struct tracker_batch *b)
+{
+	off_t off = (off_t)b->first_page * 4096, end = off + (off_t)b->npages * 4096;
+	while (off < end) {
+		off_t data = lseek(s->memfd, off, SEEK_DATA);
+		if (data < 0 && errno != ENXIO)
+			return; /* unknown: keep the rest */
+		if (data < 0 || data > end)
+			data = end; /* a hole up to the end of the batch */
+		for (off_t p = off; p + 4096 <= data; p += 4096) {
+			uint64_t i = (uint64_t)(p / 4096) - b->first_page;
+			if ((b->bits[i / 64] >> (i % 64)) & 1) {
+				b->bits[i / 64] &= ~(1ull << (i % 64));
+				b->dirty--;
+			}
+		}
+		if (data >= end)
+			return;
+		off_t hole = lseek(s->memfd, data, SEEK_HOLE);
+		if (hole < 0)
+			return;
+		off = (hole + 4095) & ~(off_t)4095; /* a page partly data is data */
+		if (off <= data)
+			off = data + 4096;
+	}
+}
+
+/*
  * Takes every dirty chunk and sends it, TAKE_GROUP_CHUNKS at a time, so each chunk is
- * re-protected just before it is read (DESIGN.md rule 1). Returns pages sent.
+ * re-protected just before it is read (DESIGN.md rule 1). Returns pages sent. With
+ * skip_holes (round 1) pages that are memfd holes are taken but not sent (drop_holes).
  */
 static int sched_tick(struct migration *m, uint64_t remaining_pages);
 
-static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
+/* The record's byte and page counts from the transport, and what is left to send. */
+static void publish_sent(struct migration *m, uint64_t remaining_bytes)
+{
+	struct xport_src_stats st;
+	xport_src_stats(m->src, &st);
+	pthread_mutex_lock(&m->lock);
+	m->info.bytes_sent = st.bytes;
+	m->info.pages_normal = st.pages;
+	m->info.pages_zero = st.zero_pages;
+	m->info.remaining_bytes = remaining_bytes;
+	pthread_mutex_unlock(&m->lock);
+}
+
+static int send_dirty(struct migration *m, struct tracker *t, bool skip_holes, uint64_t *fence,
 		      uint64_t *ret_pages)
 {
 	struct tracker_cursor cur = {0};
@@ -524,6 +577,12 @@ static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
 				more = false;
 				break;
 			}
+			if (skip_holes && b->slot_index < vm_nr_slots(m->vm->vm)) {
+				uint32_t before = b->dirty;
+				drop_holes(vm_slot(m->vm->vm, b->slot_index), b);
+				if (to_send >= before - b->dirty)
+					to_send -= before - b->dirty;
+			}
 			r = runs_add_batch(&rs, b, max_run);
 			if (r < 0)
 				break;
@@ -545,15 +604,7 @@ static int send_dirty(struct migration *m, struct tracker *t, uint64_t *fence,
 		if (r != 0)
 			more = false; /* 1: switch over now (the rest goes then); < 0: give up */
 		/* Live progress within a long round (the first one sends all of memory). */
-		struct xport_src_stats st;
-		xport_src_stats(m->src, &st);
-		pthread_mutex_lock(&m->lock);
-		m->info.bytes_sent = st.bytes;
-		m->info.pages_normal = st.pages;
-		m->info.pages_zero = st.zero_pages;
-		m->info.remaining_bytes =
-			(to_send > *ret_pages ? to_send - *ret_pages : 0) * 4096ull;
-		pthread_mutex_unlock(&m->lock);
+		publish_sent(m, (to_send > *ret_pages ? to_send - *ret_pages : 0) * 4096ull);
 	}
 	free(rs.v);
 	free(b);
@@ -669,6 +720,7 @@ static int source_setup(struct migration *m, struct vm *vm)
 	if (cancelled(m))
 		return mig_fail(m, -ECANCELED, "cancelled");
 
+	m->setup_offer_ns = agent_mono_ns();
 	int fds[PROTO_MAX_SLOTS];
 	uint64_t sizes[PROTO_MAX_SLOTS];
 	for (unsigned i = 0; i < o.nr_slots; i++) {
@@ -698,6 +750,7 @@ static int source_setup(struct migration *m, struct vm *vm)
 		if (r < 0)
 			return mig_fail(m, r, "opening data streams to %s: %s", m->req.dest, err);
 	}
+	m->setup_streams_ns = agent_mono_ns();
 	pthread_mutex_lock(&m->lock);
 	m->src = src;
 	if (m->cancel)
@@ -729,6 +782,12 @@ static void policy_for(const struct migration *m, struct sched_policy *p)
 			    : act == FERRY_CONFIG_TIMEOUT_POSTCOPY ? SCHED_TIMEOUT_POSTCOPY
 								   : SCHED_TIMEOUT_ABORT;
 	p->allow_postcopy = q->allow_postcopy >= 0 ? q->allow_postcopy != 0 : c->allow_postcopy;
+	if (q->postcopy_after_rounds >= -1)
+		p->postcopy_after_rounds = q->postcopy_after_rounds;
+	else if (c->postcopy_start == FERRY_CONFIG_POSTCOPY_EARLY)
+		p->postcopy_after_rounds = (int32_t)c->postcopy_precopy_rounds;
+	else
+		p->postcopy_after_rounds = -1;
 	p->throttle = c->throttle;
 	/*
 	 * The VMM throttles by holding vCPUs back for a share of the time, up to 99 %, and the
@@ -897,6 +956,7 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		 * action was postcopy aborts instead.
 		 */
 		m->policy.allow_postcopy = false;
+		m->policy.postcopy_after_rounds = -1;
 		if (m->policy.timeout_action == SCHED_TIMEOUT_POSTCOPY)
 			m->policy.timeout_action = SCHED_TIMEOUT_ABORT;
 		agent_log(m->a, LOG_WARN, "migration %llu: postcopy is not available over RDMA; "
@@ -929,6 +989,17 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 			counts[i] = tracker_vcpu_dirty_count(t, i);
 		sched_dirty_add(vdirty, agent_mono_ns(), counts, nr_vcpus);
 	}
+	if (m->policy.postcopy_after_rounds == 0) {
+		/* Postcopy with no precopy round: the decision before round 1, on the record. */
+		struct sched_measure in;
+		measure(m, agent_mono_ns(), 0, tracker_dirty_pages(t) * 4096ull, 0, &in);
+		sched_migration_decide(m->sched, &in, rec);
+		history_add(m, rec);
+		if (rec->action == SCHED_POSTCOPY) {
+			r = 2;
+			goto out;
+		}
+	}
 	for (uint32_t round = 1;; round++) {
 		struct tracker_sync_stats ss;
 		pthread_mutex_lock(&m->lock);
@@ -938,7 +1009,7 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		struct xport_src_stats before, after;
 		xport_src_stats(m->src, &before);
 		uint64_t pages = 0;
-		r = send_dirty(m, t, fence, &pages);
+		r = send_dirty(m, t, round == 1, fence, &pages);
 		if (r < 0) {
 			if (r == -ECANCELED)
 				r = mig_fail(m, r, "cancelled");
@@ -1100,7 +1171,7 @@ static int source_switchover(struct migration *m, struct vm *vm, struct tracker 
 	r = tracker_sync(t, NULL);
 	if (r < 0)
 		return mig_fail(m, r, "final harvest: %s", strerror(-r));
-	r = send_dirty(m, t, fence, &pages);
+	r = send_dirty(m, t, false, fence, &pages);
 	if (r < 0)
 		return mig_fail(m, r, "sending the last pages: %s", strerror(-r));
 	r = vm_state_save(vm, &blob, &blob_len, &verr);
@@ -1246,6 +1317,7 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	*ret_pause_ns = agent_mono_ns();
 	vm_pause(vm);
 	pthread_mutex_unlock(&m->vm->op_lock);
+	uint64_t t_paused = agent_mono_ns();
 	r = tracker_sync(t, NULL);
 	if (r < 0) {
 		free(b);
@@ -1266,6 +1338,8 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	while ((r = tracker_take_next(t, &cur, b)) > 0) {
 		if (b->slot_index >= ps.nr_slots)
 			continue;
+		/* A hole here was never written: zero, and a hole (zero) there too. */
+		drop_holes(vm_slot(vm, b->slot_index), b);
 		for (uint32_t k = 0; k < b->npages; k++) {
 			if (!((b->bits[k / 64] >> (k % 64)) & 1))
 				continue;
@@ -1280,6 +1354,7 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 		r = mig_fail(m, r, "collecting the dirty pages: %s", strerror(-r));
 		goto out;
 	}
+	uint64_t t_listed = agent_mono_ns();
 	r = vm_state_save(vm, &blob, &blob_len, &verr);
 	if (r < 0) {
 		r = mig_fail(m, r, "saving vCPU state: %s", verr.msg);
@@ -1301,6 +1376,7 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	}
 	r = proto_encode_postcopy_start(&ps, &buf, &len);
 	r = send_msg(m, PROTO_POSTCOPY_START, r, buf, len);
+	uint64_t t_sent = agent_mono_ns();
 	if (r == 0)
 		r = recv_msg(m, PROTO_POSTCOPY_RUNNING, &buf, &len, FENCE_TIMEOUT_MS);
 	if (r < 0) {
@@ -1327,8 +1403,12 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
 	agent_log(m->a, LOG_INFO, "migration %llu: postcopy: VM %s runs on %s, %llu pages to "
-		  "go", (unsigned long long)m->id, m->info.vm, m->req.dest,
-		  (unsigned long long)missing);
+		  "go; downtime %llu ms (here: pause %.1f ms, listing the pages %.1f ms, state "
+		  "%.1f ms; the destination answered %.1f ms later)", (unsigned long long)m->id,
+		  m->info.vm, m->req.dest, (unsigned long long)missing,
+		  (unsigned long long)m->info.downtime_ms, (t_paused - *ret_pause_ns) / 1e6,
+		  (t_listed - t_paused) / 1e6, (t_sent - t_listed) / 1e6,
+		  (agent_mono_ns() - t_sent) / 1e6);
 
 	/* Push every missing page, looking at the requests between small batches. */
 	uint64_t left = missing;
@@ -1358,9 +1438,7 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 				goto out;
 			}
 			left -= q - p;
-			pthread_mutex_lock(&m->lock);
-			m->info.remaining_bytes = left * 4096ull;
-			pthread_mutex_unlock(&m->lock);
+			publish_sent(m, left * 4096ull);
 			p = q;
 		}
 	}
@@ -1377,6 +1455,7 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 		if (r == 1)
 			break;
 	}
+	publish_sent(m, 0);
 	r = PROTO_DECIDED_RUN;
 out:
 	proto_postcopy_start_free(&ps);
@@ -1433,9 +1512,15 @@ static void source_job(struct migration *m)
 		goto out_fail;
 	}
 	tracking = true;
+	uint64_t t_tracking = agent_mono_ns();
 	pthread_mutex_lock(&m->lock);
-	m->info.setup_time_ms = (agent_mono_ns() - t_start) / 1000000ull;
+	m->info.setup_time_ms = (t_tracking - t_start) / 1000000ull;
 	pthread_mutex_unlock(&m->lock);
+	agent_log(a, LOG_INFO, "migration %llu: set up in %.1f ms: offer accepted %.1f ms, %s data "
+		  "path %.1f ms, dirty tracking %.1f ms", (unsigned long long)m->id,
+		  (t_tracking - t_start) / 1e6, (m->setup_offer_ns - t_start) / 1e6,
+		  m->info.transport, (m->setup_streams_ns - m->setup_offer_ns) / 1e6,
+		  (t_tracking - m->setup_streams_ns) / 1e6);
 
 	r = source_precopy(m, t, &fence);
 	if (r < 0)
@@ -1704,6 +1789,7 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 	struct vm *vm = m->vm->vm;
 	struct proto_postcopy_start ps;
 	char err[256] = "";
+	uint64_t t0 = agent_mono_ns(), t_setup, t_state;
 	int r = proto_decode_postcopy_start(p, len, &ps, err, sizeof(err));
 	if (r < 0)
 		return mig_fail(m, r, "bad POSTCOPY_START: %s", err);
@@ -1737,6 +1823,7 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 	for (uint32_t i = 0; r == 0 && i < ps.nr_slots; i++)
 		r = xport_dst_set_uffd(m->dst, i, postcopy_dst_uffd(pc));
 	proto_postcopy_start_free(&ps);
+	t_setup = agent_mono_ns();
 	struct vm_error verr = {{0}};
 	if (r == 0 && (r = vm_state_restore(vm, state_blob, state_len, &verr)) < 0)
 		snprintf(err, sizeof(err), "vCPU state refused: %.200s", verr.msg);
@@ -1745,6 +1832,7 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 		return mig_fail(m, r, "postcopy set-up: %s", err[0] ? err : strerror(-r));
 	}
 	m->pc = pc;
+	t_state = agent_mono_ns();
 	set_state(m, MIG_DEST_READY);
 	if (decide(m, PROTO_DECIDED_RUN) != PROTO_DECIDED_RUN)
 		return mig_fail(m, -ECANCELED, "discarded before the decision");
@@ -1770,6 +1858,12 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 	pthread_mutex_unlock(&m->vm->op_lock);
 	if (r < 0)
 		return mig_fail(m, r, "postcopy: the VM did not start here: %s", strerror(-r));
+	uint64_t t_run = agent_mono_ns();
+	agent_log(a, LOG_INFO, "migration %llu: postcopy: VM started %.1f ms after POSTCOPY_START "
+		  "(userfaultfd and %llu pages to fetch %.1f ms, state %.1f ms, durable decision "
+		  "%.1f ms)", (unsigned long long)m->id, (t_run - t0) / 1e6,
+		  (unsigned long long)postcopy_dst_remaining(pc), (t_setup - t0) / 1e6,
+		  (t_state - t_setup) / 1e6, (t_run - t_state) / 1e6);
 	return 0;
 }
 
@@ -2240,6 +2334,7 @@ void migration_request_init(struct migration_request *req)
 	memset(req, 0, sizeof(*req));
 	req->verify = -1;
 	req->allow_postcopy = -1;
+	req->postcopy_after_rounds = -2;
 	req->timeout_action = -1;
 	req->completion_timeout_per_gib = -1;
 	req->progress_timeout = -1;

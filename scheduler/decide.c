@@ -62,6 +62,7 @@ const char *sched_reason_name(enum sched_reason r)
 		[SCHED_R_THROTTLE_HOLD] = "throttle_hold",
 		[SCHED_R_STALLED] = "stalled",
 		[SCHED_R_STALL_POSTCOPY] = "stall_postcopy",
+		[SCHED_R_POSTCOPY_AFTER] = "postcopy_after_rounds",
 		[SCHED_R_STALL_ACTION] = "stall_action",
 		[SCHED_R_COMPLETION_TIMEOUT] = "completion_timeout",
 		[SCHED_R_PROGRESS_TIMEOUT] = "progress_timeout",
@@ -365,6 +366,14 @@ void sched_migration_decide(struct sched_migration *m, const struct sched_measur
 		why(r, "expected downtime %.1f ms fits the target %.0f ms", r->expected_downtime_ms,
 		    r->downtime_target_ms);
 		finish(m, r, SCHED_SWITCHOVER, SCHED_R_CONVERGED);
+		return;
+	}
+	if (p->allow_postcopy && p->postcopy_after_rounds >= 0 &&
+	    in->round >= (uint32_t)p->postcopy_after_rounds) {
+		why(r, "%u precopy round(s) done (postcopy_after_rounds %d): switching to postcopy "
+		       "with %llu bytes left",
+		    in->round, p->postcopy_after_rounds, (unsigned long long)in->remaining_bytes);
+		finish(m, r, SCHED_POSTCOPY, SCHED_R_POSTCOPY_AFTER);
 		return;
 	}
 	if (r->completion_budget_ns && in->elapsed_ns >= r->completion_budget_ns) {

@@ -21,6 +21,7 @@ void sched_policy_default(struct sched_policy *p)
 		.progress_timeout_s = 150,
 		.timeout_action = SCHED_TIMEOUT_ABORT,
 		.allow_postcopy = false,
+		.postcopy_after_rounds = -1,
 		.act_on_stall = false,
 		.stall_rounds = 3,
 		.stall_ratio = 0.9,
@@ -54,6 +55,10 @@ int sched_policy_check(const struct sched_policy *p, char *err, size_t errlen)
 		FAIL("timeout_action must be abort, switchover or postcopy");
 	if (p->timeout_action == SCHED_TIMEOUT_POSTCOPY && !p->allow_postcopy)
 		FAIL("timeout_action postcopy needs allow_postcopy");
+	if (p->postcopy_after_rounds < -1 || p->postcopy_after_rounds > 1000)
+		FAIL("postcopy_after_rounds must be -1..1000 (-1 = only as a last resort)");
+	if (p->postcopy_after_rounds >= 0 && !p->allow_postcopy)
+		FAIL("postcopy_after_rounds needs allow_postcopy");
 	if (p->stall_rounds < 1 || p->stall_rounds > 64)
 		FAIL("stall_rounds must be 1..64");
 	if (!(p->stall_ratio > 0.0 && p->stall_ratio <= 1.0))

@@ -129,6 +129,11 @@ struct sched_policy {
 	uint32_t progress_timeout_s;           /* no new low in remaining for this long; 150 */
 	enum sched_timeout_action timeout_action; /* default SCHED_TIMEOUT_ABORT */
 	bool allow_postcopy;                   /* default false: see docs/scheduler.md */
+	int32_t postcopy_after_rounds;         /* -1 (default): postcopy only as a last resort
+						* (stall, timeout); N >= 0: postcopy once N
+						* precopy rounds are done, unless precopy
+						* converged first (0: no precopy round at all);
+						* needs allow_postcopy */
 	bool act_on_stall;                     /* hopeless stall: act now, not at the timeout;
 						* default false */
 	uint32_t stall_rounds;                 /* rounds without shrinking = stalled; default 3 */
@@ -174,6 +179,7 @@ enum sched_reason {
 	SCHED_R_STALL_ACTION,       /* stalled, exhausted, act_on_stall: the timeout action */
 	SCHED_R_COMPLETION_TIMEOUT, /* completion budget spent */
 	SCHED_R_PROGRESS_TIMEOUT,   /* no new low in remaining for progress_timeout_s */
+	SCHED_R_POSTCOPY_AFTER,     /* postcopy_after_rounds precopy rounds are done */
 };
 
 const char *sched_action_name(enum sched_action a);  /* "continue", "throttle", ... */
@@ -188,7 +194,8 @@ const char *sched_reason_name(enum sched_reason r);  /* "converged", "stalled", 
 struct sched_measure {
 	uint64_t now_ns;          /* monotonic; recorded */
 	uint64_t elapsed_ns;      /* since precopy began: drives timeouts and steps */
-	uint32_t round;           /* precopy round just finished (1 = the full copy) */
+	uint32_t round;           /* precopy round just finished (1 = the full copy; 0 = none
+				   * yet: the decision before round 1) */
 	bool tick;
 	uint64_t remaining_bytes;
 	uint64_t bytes_sent;      /* cumulative; recorded */
@@ -264,7 +271,8 @@ void sched_migration_free(struct sched_migration *m);
 /*
  * Decides, once per round boundary and on timer ticks. Always fills *ret (its action says
  * what to do; for THROTTLE apply ret->vcpu[i].limit_pps, 0 = unlimited). Order at a round
- * boundary: converged -> switch over; completion timeout; progress timeout; stall ->
+ * boundary: converged -> switch over; postcopy_after_rounds reached -> postcopy; completion
+ * timeout; progress timeout; stall ->
  * throttle a level up, or when throttling is exhausted postcopy (if allowed) /
  * act_on_stall / wait; otherwise continue at the current level.
  */

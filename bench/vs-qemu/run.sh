@@ -33,10 +33,13 @@
 #   downtime <= 0.1x, bytes <= 0.6x, and the same as CSV (every run, then the summary).
 # Usage: run.sh [--build DIR] [--quick] [--case N[,N...]] [--reps N] [--timeout SECONDS]
 #          [--warmup SECONDS] [--qemu-variants LIST] [--ferry-tracker auto|ring|bitmap]
-#          [--systems qemu,ferry] [--csv FILE] [--keep]
+#          [--systems qemu,ferry] [--ferry-yaml LINE]... [--csv FILE] [--keep]
 #   DIR defaults to $FERRY_BUILD, else ./build (built with cmake if ferryd is missing).
 #   --timeout defaults to 300 (60 with --quick). Needs root for /dev/kvm and to install
 #   qemu-system-x86 with apt when it is missing. --keep keeps the work dir (logs).
+#   --ferry-yaml adds a line to both agents' ferryd.yaml, right after the migration
+#   section's listen line (so "  streams: 8" sets a migration key, "policy:" opens a
+#   section); repeat it for several lines.
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -52,6 +55,7 @@ ferry_tracker=auto
 csv=""
 keep=0
 systems=qemu,ferry
+ferry_yaml=()
 usage() { sed -n '/^# Usage:/,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -63,6 +67,7 @@ while [ $# -gt 0 ]; do
     --warmup) warmup=$2; shift 2 ;;
     --qemu-variants) qemu_variants=$2; shift 2 ;;
     --ferry-tracker) ferry_tracker=$2; shift 2 ;;
+    --ferry-yaml) ferry_yaml+=("$2"); shift 2 ;;
     --csv) csv=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --systems) systems=$2; shift 2 ;;
@@ -174,8 +179,16 @@ ferry_run() {
   local c=$1 rep=$2 mem range cap img rc rec id state note="" alive=false
   mem=$(case_mem "$c"); range=$(case_range "$c"); cap=$(case_cap "$c")
   img=$(make_image "$range")
-  start_agent src "${no_timeouts[@]}"
-  start_agent dst "${no_timeouts[@]}"
+  # --ferry-yaml lines first (they start in the migration section); the timeouts join
+  # their policy section if they open one.
+  local y=() l pol=0
+  for l in "${ferry_yaml[@]}"; do
+    y+=("$l")
+    [ "$l" = "policy:" ] && { y+=("${no_timeouts[@]:1}"); pol=1; }
+  done
+  [ $pol = 1 ] || y+=("${no_timeouts[@]}")
+  start_agent src "${y[@]}"
+  start_agent dst "${y[@]}"
   local vm=vsq
   ctl src vm create "$vm" --memory "$mem" --vcpus 1 --guest "boot:$img" \
     --tracker "$ferry_tracker" >"$tmp/create.out" 2>&1 || {

@@ -419,6 +419,12 @@ expect "migration with postcopy action but postcopy off" 400 invalid_argument PO
   '{"vm":"web1","to":"127.0.0.1:9","timeout_action":"postcopy","allow_postcopy":false}'
 expect "migration with a bad priority" 400 invalid_argument POST /v1/migrations \
   '{"vm":"web1","to":"127.0.0.1:9","priority":101}'
+expect "early postcopy with postcopy off" 400 invalid_argument POST /v1/migrations \
+  '{"vm":"web1","to":"127.0.0.1:9","postcopy_after_rounds":0,"allow_postcopy":false}'
+expect "postcopy_after_rounds out of range" 400 invalid_argument POST /v1/migrations \
+  '{"vm":"web1","to":"127.0.0.1:9","postcopy_after_rounds":-2,"allow_postcopy":true}'
+expect "postcopy_after_rounds not a number" 400 invalid_argument POST /v1/migrations \
+  '{"vm":"web1","to":"127.0.0.1:9","postcopy_after_rounds":"soon","allow_postcopy":true}'
 expect "duplicate VM" 409 already_exists POST /v1/vms \
   '{"name":"web1","memory":"64M","guest":"dirtier"}'
 head -c 1048576 /dev/zero >"$tmp/big"

@@ -5,7 +5,9 @@
 #      throttling off) is migrated with postcopy allowed: the scheduler chooses postcopy,
 #      the VM runs on the destination while its missing pages are fetched and pushed, the
 #      migration completes, memcheck goes on there with no error, the source copy is gone;
-#   2. the source agent is killed during postcopy: the destination reports the loss
+#   2. postcopy chosen early (policy postcopy_after_rounds 0, then 1) with no cap: each
+#      completes, memcheck goes on with no error, only the written pages travel;
+#   3. the source agent is killed during postcopy: the destination reports the loss
 #      clearly (pages missing, the VM cannot go on) and keeps no half VM.
 # Usage: test_postcopy.sh FERRYD FERRYCTL   (FERRY_TEST_KEEP=1 keeps the temp dir)
 set -u
@@ -40,7 +42,36 @@ check "postcopy: the destination's record is completed" \
 stop_agent host-a
 stop_agent host-b
 
-# ---------------------------------------------------------------- 2. source lost in postcopy
+# ------------------------------------------------ 2. early postcopy: after 0 and 1 rounds
+# With postcopy_after_rounds the scheduler goes to postcopy on purpose: 0 runs no precopy
+# round at all (every page the guest ever wrote is fetched or pushed after the switch), 1
+# after the first full copy. Capped at 5 MB/s, so that round 1 leaves more than the
+# downtime target can send (else precopy converges first and switches over).
+start_agent host-a 127.0.0.1:0 ""
+start_agent host-b 127.0.0.1:0 ""
+hot host-a
+check "early: memcheck runs on host-a" wait_passes host-a hot 1 120
+for after in 0 1; do
+  from=$([ $after = 0 ] && echo host-a || echo host-b)
+  to=$([ $after = 0 ] && echo host-b || echo host-a)
+  id=$(ctl $from --json migrate hot --to "${listen[$to]}" --postcopy --postcopy-after $after \
+    --bandwidth 5M | jq -r .id)
+  check "early $after: completes" wait_mig_state $from "$id" completed 240
+  mig_json $from "$id" >"$tmp/early.json"
+  echo "# $(jq -c '{state,round,total_time_ms,downtime_ms,bytes_sent,decision_reason}' "$tmp/early.json")"
+  check "early $after: decided by postcopy_after_rounds after $after round(s)" \
+    jq -e --argjson n $after '.decision == "postcopy" and .round == $n and
+      (.decision_reason | test("postcopy_after_rounds"))' "$tmp/early.json"
+  # 128 MiB guest, ~16 MiB written plus the program: far less than the guest goes.
+  check "early $after: only written pages travel" \
+    jq -e '.bytes_sent > 8388608 and .bytes_sent < 100663296' "$tmp/early.json"
+  check "early $after: memcheck goes on on $to with no error" guest_goes_on $to hot
+  check "early $after: $from holds no copy" absent $from hot
+done
+stop_agent host-a
+stop_agent host-b
+
+# ---------------------------------------------------------------- 3. source lost in postcopy
 start_agent host-a 127.0.0.1:0 "" "policy:" "  throttle: false"
 start_agent host-b 127.0.0.1:0 ""
 hot host-a

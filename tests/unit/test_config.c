@@ -164,7 +164,7 @@ static void defaults(void **state)
 	assert_int_equal(c.migration.streams, 4);
 	assert_int_equal(c.migration.transport, FERRY_CONFIG_TRANSPORT_AUTO);
 	assert_false(c.migration.verify);
-	assert_int_equal(c.migration.queue_depth, 64);
+	assert_int_equal(c.migration.queue_depth, 16);
 	assert_int_equal(c.migration.batch_pages, 256);
 	assert_int_equal(c.limits.max_outgoing, 2);
 	assert_int_equal(c.limits.max_incoming, 2);
@@ -390,6 +390,37 @@ static void bad_inputs(void **state)
 		}
 	}
 	assert_int_equal(failed, 0);
+}
+
+/* policy.postcopy_start / postcopy_precopy_rounds: early postcopy needs allow_postcopy. */
+static void policy_postcopy_start(void **state)
+{
+	(void)state;
+	struct ferry_config c;
+	char err[1024];
+	ferry_config_defaults(&c);
+	assert_int_equal(c.policy.postcopy_start, FERRY_CONFIG_POSTCOPY_LAST_RESORT);
+	assert_int_equal(c.policy.postcopy_precopy_rounds, 1);
+	assert_int_equal(load_str("policy:\n  allow_postcopy: true\n  postcopy_start: early\n"
+				  "  postcopy_precopy_rounds: 0\n",
+				  &c, err, sizeof(err)),
+			 0);
+	assert_int_equal(c.policy.postcopy_start, FERRY_CONFIG_POSTCOPY_EARLY);
+	assert_int_equal(c.policy.postcopy_precopy_rounds, 0);
+
+	assert_int_equal(ferry_config_validate(&c, err, sizeof(err)), 0);
+	/* A cross-field rule: the load takes it, validation refuses it. */
+	ferry_config_defaults(&c);
+	assert_int_equal(load_str("policy:\n  postcopy_start: early\n", &c, err, sizeof(err)), 0);
+	assert_int_equal(ferry_config_validate(&c, err, sizeof(err)), -EINVAL);
+	assert_non_null(strstr(err, "policy.postcopy_start: early needs policy.allow_postcopy: true"));
+	assert_int_equal(load_str("policy:\n  postcopy_start: soon\n", &c, err, sizeof(err)),
+			 -EINVAL);
+	assert_non_null(strstr(err, "last_resort"));
+	assert_int_equal(load_str("policy:\n  postcopy_precopy_rounds: 1001\n", &c, err,
+				  sizeof(err)),
+			 -EINVAL);
+	assert_non_null(strstr(err, "out of range"));
 }
 
 static void long_paths(void **state)
@@ -1033,6 +1064,7 @@ int main(void)
 		cmocka_unit_test(empty_inputs_are_defaults),
 		cmocka_unit_test(load_overlays),
 		cmocka_unit_test(bad_inputs),
+		cmocka_unit_test(policy_postcopy_start),
 		cmocka_unit_test(long_paths),
 		cmocka_unit_test(huge_input),
 		cmocka_unit_test(load_file),

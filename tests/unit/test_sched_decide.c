@@ -358,6 +358,66 @@ static void stall_postcopy_without_throttle(void **state)
 	sim_free(&s);
 }
 
+/*
+ * postcopy_after_rounds: the decision before round 1 (round 0, nothing measured) goes to
+ * postcopy at once with 0; with 2 the heavy guest gets two precopy rounds, then postcopy;
+ * a guest that converges first switches over (precopy wins when it fits the target).
+ */
+static void postcopy_after_rounds(void **state)
+{
+	(void)state;
+	struct sim s;
+	heavy_guest(&s);
+	s.pol.allow_postcopy = true;
+	s.pol.postcopy_after_rounds = 0;
+	sim_start(&s);
+	struct sched_measure in = {.now_ns = 0, .round = 0, .remaining_bytes = 4 * GIB,
+				   .mem_bytes = 4 * GIB, .nr_vcpus = 4};
+	sched_migration_decide(s.m, &in, &s.rec);
+	assert_int_equal(s.rec.action, SCHED_POSTCOPY);
+	assert_int_equal(s.rec.reason, SCHED_R_POSTCOPY_AFTER);
+	assert_string_equal(sched_reason_name(s.rec.reason), "postcopy_after_rounds");
+	assert_non_null(strstr(s.rec.why, "0 precopy round(s) done"));
+	sim_free(&s);
+
+	heavy_guest(&s);
+	s.pol.allow_postcopy = true;
+	s.pol.postcopy_after_rounds = 2;
+	sim_start(&s);
+	assert_int_equal(sim_round(&s), SCHED_CONTINUE);
+	assert_int_equal(sim_round(&s), SCHED_POSTCOPY);
+	assert_int_equal(s.rec.reason, SCHED_R_POSTCOPY_AFTER);
+	assert_int_equal(s.rec.round, 2);
+	sim_free(&s);
+
+	/* The light guest of converges_below_bandwidth switches over in round 2 anyway. */
+	sim_init(&s, 2, MEM_4G, LINK);
+	for (unsigned i = 0; i < 2; i++)
+		s.v[i] = (struct sim_vcpu){.rate_pps = 20000, .ws_pages = 65536};
+	s.pol.allow_postcopy = true;
+	s.pol.postcopy_after_rounds = 2;
+	sim_start(&s);
+	assert_int_equal(sim_round(&s), SCHED_CONTINUE);
+	assert_int_equal(sim_round(&s), SCHED_SWITCHOVER);
+	assert_int_equal(s.rec.reason, SCHED_R_CONVERGED);
+	sim_free(&s);
+
+	/* Without allow_postcopy the policy is refused; the range is -1..1000. */
+	struct sched_policy p;
+	char err[128];
+	sched_policy_default(&p);
+	assert_int_equal(p.postcopy_after_rounds, -1);
+	p.postcopy_after_rounds = 1;
+	assert_int_equal(sched_policy_check(&p, err, sizeof(err)), -EINVAL);
+	assert_non_null(strstr(err, "allow_postcopy"));
+	p.allow_postcopy = true;
+	assert_int_equal(sched_policy_check(&p, err, sizeof(err)), 0);
+	p.postcopy_after_rounds = 1001;
+	assert_int_equal(sched_policy_check(&p, err, sizeof(err)), -EINVAL);
+	p.postcopy_after_rounds = -2;
+	assert_int_equal(sched_policy_check(&p, err, sizeof(err)), -EINVAL);
+}
+
 /* ---------------- stall detection from the round history ---------------- */
 
 static struct sched_measure boundary(uint32_t round, uint64_t elapsed_ns, uint64_t remaining)
@@ -712,6 +772,7 @@ int main(void)
 		cmocka_unit_test(completion_timeout_on_tick),
 		cmocka_unit_test(progress_timeout),
 		cmocka_unit_test(policy_rejects_postcopy_action_without_allow),
+		cmocka_unit_test(postcopy_after_rounds),
 		cmocka_unit_test(downtime_steps),
 		cmocka_unit_test(record_json),
 		cmocka_unit_test(names),
