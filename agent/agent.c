@@ -791,6 +791,7 @@ int agent_new(const struct ferry_config *cfg, struct agent **ret, struct agent_e
 	pthread_setname_np(a->listener, "listen");
 	a->listener_started = true;
 	agent_log(a, LOG_INFO, "migration listener on %s", a->listen_addr);
+	migration_warm_buffers(a);
 	*ret = a;
 	return 0;
 fail:
@@ -828,6 +829,10 @@ void agent_shutdown(struct agent *a)
 		(void)w;
 		pthread_join(a->listener, NULL);
 		a->listener_started = false;
+	}
+	if (a->warm_started) { /* at most one fill of a few hundred MiB */
+		pthread_join(a->warm, NULL);
+		a->warm_started = false;
 	}
 	migration_shutdown_all(a);
 	/* Stop every VM's vCPUs; the memory goes with agent_free. */

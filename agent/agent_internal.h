@@ -45,6 +45,8 @@ struct agent {
 	int wake_fd[2]; /* pipe to stop the listener */
 	pthread_t listener;
 	bool listener_started;
+	pthread_t warm; /* migration_warm_buffers; joined by agent_free */
+	bool warm_started;
 
 	/* lock guards vms, migrations, next_migration_id, shutting_down. */
 	pthread_mutex_t lock;
@@ -94,6 +96,8 @@ uint64_t agent_mono_ns(void);
 
 /* migration.c */
 int migration_state_init(struct agent *a, struct agent_error *err);
+/* migration.warm_buffers: readies the page readers' buffers in a thread of its own. */
+void migration_warm_buffers(struct agent *a);
 int migration_listener_dispatch(struct agent *a, int fd);
 void migration_shutdown_all(struct agent *a);
 void migration_free_all(struct agent *a);

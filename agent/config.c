@@ -99,6 +99,7 @@ static const struct key migration_keys[] = {
 	 .max = 4096},
 	{.name = "batch_pages", .kind = K_U32, .off = OFF(migration.batch_pages), .min = 1,
 	 .max = 65536},
+	{.name = "warm_buffers", .kind = K_BOOL, .off = OFF(migration.warm_buffers)},
 };
 
 static const struct key policy_keys[] = {
@@ -204,6 +205,7 @@ void ferry_config_defaults(struct ferry_config *c)
 	c->migration.verify = false;
 	c->migration.queue_depth = 16;
 	c->migration.batch_pages = 256;
+	c->migration.warm_buffers = true;
 	/* KubeVirt's defaults; see docs/scheduler.md for each. */
 	c->policy.completion_timeout_per_gib = 150;
 	c->policy.progress_timeout = 150;

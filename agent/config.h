@@ -70,6 +70,7 @@ struct ferry_config_migration {
 	bool verify;          /* SHA-256 digest check before the destination runs the VM */
 	uint32_t queue_depth; /* io_uring entries, 1..4096 */
 	uint32_t batch_pages; /* pages per read/write batch, 1..65536 */
+	bool warm_buffers;    /* fault in `streams` page readers' buffers at start-up */
 };
 
 /* What the scheduler does when a timeout fires (docs/scheduler.md). */

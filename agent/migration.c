@@ -88,6 +88,7 @@ struct migration {
 	uint64_t precopy_start_ns;
 	uint64_t last_tick_ns;
 	uint64_t setup_offer_ns;   /* source set-up: until VM_ACCEPT (connect, HELLO, offer) */
+	int decision_fd;           /* destination: its decision file, made during set-up; -1 */
 	uint64_t setup_streams_ns; /* until the data path was open */
 	uint64_t state_bytes; /* estimate of the switch-over's state transfer */
 	uint64_t mem_bytes;   /* guest memory */
@@ -505,30 +506,52 @@ static int runs_add_batch(struct runs *rs, const struct tracker_batch *b, unsign
  * Saves reading — and naming — the untouched part of a large guest. Where SEEK_DATA is
  * not supported nothing is dropped.
  */
-static void drop_holes(const struct vm_slot *s, struct tracker_batch *b)
+/*
+ * What lseek said last about one slot's file: [from, data) is a hole and [data, hole) data.
+ * SEEK_HOLE walks the file's pages up to the next hole, so asking once per batch inside a
+ * large data extent would cost that extent's length every time: a pass (batches in
+ * increasing order) asks once per extent instead.
+ */
+struct hole_cursor {
+	uint32_t slot;
+	bool valid;
+	off_t from, data, hole;
+};
+
+static void drop_holes(const struct vm_slot *s, struct tracker_batch *b, struct hole_cursor *hc)
 {
 	off_t off = (off_t)b->first_page * 4096, end = off + (off_t)b->npages * 4096;
+	if (hc->valid && (hc->slot != b->slot_index || off < hc->from))
+		hc->valid = false;
 	while (off < end) {
-		off_t data = lseek(s->memfd, off, SEEK_DATA);
-		if (data < 0 && errno != ENXIO)
-			return; /* unknown: keep the rest */
-		if (data < 0 || data > end)
-			data = end; /* a hole up to the end of the batch */
-		for (off_t p = off; p + 4096 <= data; p += 4096) {
+		if (!hc->valid || off >= hc->hole) {
+			off_t data = lseek(s->memfd, off, SEEK_DATA), hole;
+			if (data < 0 && errno != ENXIO)
+				return; /* unknown: keep the rest */
+			if (data < 0) {
+				data = hole = INT64_MAX; /* holes to the end */
+			} else {
+				hole = lseek(s->memfd, data, SEEK_HOLE);
+				if (hole < 0)
+					return;
+				hole = (hole + 4095) & ~(off_t)4095; /* a page partly data is data */
+			}
+			*hc = (struct hole_cursor){.slot = b->slot_index, .valid = true,
+						   .from = off, .data = data, .hole = hole};
+		}
+		if (off >= hc->data) { /* inside the data extent: keep */
+			off = hc->hole;
+			continue;
+		}
+		off_t stop = hc->data < end ? hc->data : end;
+		for (off_t p = off; p + 4096 <= stop; p += 4096) {
 			uint64_t i = (uint64_t)(p / 4096) - b->first_page;
 			if ((b->bits[i / 64] >> (i % 64)) & 1) {
 				b->bits[i / 64] &= ~(1ull << (i % 64));
 				b->dirty--;
 			}
 		}
-		if (data >= end)
-			return;
-		off_t hole = lseek(s->memfd, data, SEEK_HOLE);
-		if (hole < 0)
-			return;
-		off = (hole + 4095) & ~(off_t)4095; /* a page partly data is data */
-		if (off <= data)
-			off = data + 4096;
+		off = stop;
 	}
 }
 
@@ -536,6 +559,8 @@ static void drop_holes(const struct vm_slot *s, struct tracker_batch *b)
  * Takes every dirty chunk and sends it, TAKE_GROUP_CHUNKS at a time, so each chunk is
  * re-protected just before it is read (DESIGN.md rule 1). Returns pages sent. With
  * skip_holes (round 1) pages that are memfd holes are taken but not sent (drop_holes).
+ * paused: the switch-over's pass; the VM is paused and tracking ends before it could run
+ * again, so nothing is re-protected (tracker_take_next_paused).
  */
 static int sched_tick(struct migration *m, uint64_t remaining_pages);
 
@@ -552,10 +577,11 @@ static void publish_sent(struct migration *m, uint64_t remaining_bytes)
 	pthread_mutex_unlock(&m->lock);
 }
 
-static int send_dirty(struct migration *m, struct tracker *t, bool skip_holes, uint64_t *fence,
-		      uint64_t *ret_pages)
+static int send_dirty(struct migration *m, struct tracker *t, bool skip_holes, bool paused,
+		      uint64_t *fence, uint64_t *ret_pages)
 {
 	struct tracker_cursor cur = {0};
+	struct hole_cursor hc = {0};
 	struct tracker_batch *b = malloc(sizeof(*b));
 	struct runs rs = {0};
 	unsigned max_run = m->a->cfg.migration.batch_pages;
@@ -572,14 +598,15 @@ static int send_dirty(struct migration *m, struct tracker *t, bool skip_holes, u
 		rs.n = 0;
 		rs.pages = 0;
 		for (unsigned g = 0; g < TAKE_GROUP_CHUNKS; g++) {
-			r = tracker_take_next(t, &cur, b);
+			r = paused ? tracker_take_next_paused(t, &cur, b)
+				   : tracker_take_next(t, &cur, b);
 			if (r <= 0) {
 				more = false;
 				break;
 			}
 			if (skip_holes && b->slot_index < vm_nr_slots(m->vm->vm)) {
 				uint32_t before = b->dirty;
-				drop_holes(vm_slot(m->vm->vm, b->slot_index), b);
+				drop_holes(vm_slot(m->vm->vm, b->slot_index), b, &hc);
 				if (to_send >= before - b->dirty)
 					to_send -= before - b->dirty;
 			}
@@ -629,6 +656,45 @@ static void update_stats(struct migration *m, uint32_t round, uint64_t remaining
 		bw_Bps > 0 ? (double)m->info.remaining_bytes / bw_Bps * 1000.0 + STATE_TIME_MS
 			   : 0;
 	pthread_mutex_unlock(&m->lock);
+}
+
+/* The page readers' configuration (one per stream) from migration.*. */
+static void reader_config(const struct agent *a, struct pagereader_config *ret)
+{
+	const struct ferry_config_migration *c = &a->cfg.migration;
+	*ret = (struct pagereader_config){
+		.queue_depth = c->queue_depth,
+		.batch_pages = c->batch_pages > PAGEREADER_MAX_BATCH_PAGES ? PAGEREADER_MAX_BATCH_PAGES
+									 : c->batch_pages,
+	};
+}
+
+static void *warm_thread(void *arg)
+{
+	struct agent *a = arg;
+	struct pagereader_config rc;
+	reader_config(a, &rc);
+	unsigned n = a->cfg.migration.streams < 64 ? a->cfg.migration.streams : 64;
+	int64_t t0 = agent_mono_ns();
+	int r = pagereader_pool_fill(&rc, n);
+	if (r < 0)
+		agent_log(a, LOG_WARN, "migration.warm_buffers: no page-reader buffers made ready: "
+			  "%s; migrations make their own", strerror(-r));
+	else
+		agent_log(a, LOG_INFO, "migration.warm_buffers: %d page-reader buffer areas ready "
+			  "(%zu MiB) in %.0f ms", r, pagereader_pool_bytes() >> 20,
+			  (agent_mono_ns() - t0) / 1e6);
+	return NULL;
+}
+
+void migration_warm_buffers(struct agent *a)
+{
+	if (!a->cfg.migration.warm_buffers || a->warm_started)
+		return;
+	if (pthread_create(&a->warm, NULL, warm_thread, a) == 0) {
+		pthread_setname_np(a->warm, "bufwarm");
+		a->warm_started = true;
+	}
 }
 
 /* Connects and runs HELLO / VM_OFFER; fills the data path. */
@@ -730,11 +796,8 @@ static int source_setup(struct migration *m, struct vm *vm)
 	struct xport_src_config xc = {
 		.streams = m->req.streams,
 		.bandwidth = m->req.bandwidth,
-		.reader = {.queue_depth = a->cfg.migration.queue_depth,
-			   .batch_pages = a->cfg.migration.batch_pages > PAGEREADER_MAX_BATCH_PAGES
-						  ? PAGEREADER_MAX_BATCH_PAGES
-						  : a->cfg.migration.batch_pages},
 	};
+	reader_config(a, &xc.reader);
 	struct xport_src *src = NULL;
 	if (use_rdma) {
 		r = xport_src_rdma_new(&xc, peer_ip, acc.rdma_port, m->token, fds, sizes,
@@ -1009,7 +1072,7 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		struct xport_src_stats before, after;
 		xport_src_stats(m->src, &before);
 		uint64_t pages = 0;
-		r = send_dirty(m, t, round == 1, fence, &pages);
+		r = send_dirty(m, t, round == 1, false, fence, &pages);
 		if (r < 0) {
 			if (r == -ECANCELED)
 				r = mig_fail(m, r, "cancelled");
@@ -1171,7 +1234,7 @@ static int source_switchover(struct migration *m, struct vm *vm, struct tracker 
 	r = tracker_sync(t, NULL);
 	if (r < 0)
 		return mig_fail(m, r, "final harvest: %s", strerror(-r));
-	r = send_dirty(m, t, false, fence, &pages);
+	r = send_dirty(m, t, false, true, fence, &pages); /* paused; never resumes tracked */
 	if (r < 0)
 		return mig_fail(m, r, "sending the last pages: %s", strerror(-r));
 	r = vm_state_save(vm, &blob, &blob_len, &verr);
@@ -1305,6 +1368,7 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	struct proto_postcopy_start ps = {0};
 	struct tracker_batch *b = malloc(sizeof(*b));
 	struct tracker_cursor cur = {0};
+	struct hole_cursor hc = {0};
 	struct vm_error verr = {{0}};
 	void *buf = NULL, *blob = NULL;
 	size_t len = 0, blob_len = 0;
@@ -1335,11 +1399,11 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 		}
 	}
 	uint64_t missing = 0;
-	while ((r = tracker_take_next(t, &cur, b)) > 0) {
+	while ((r = tracker_take_next_paused(t, &cur, b)) > 0) {
 		if (b->slot_index >= ps.nr_slots)
 			continue;
 		/* A hole here was never written: zero, and a hole (zero) there too. */
-		drop_holes(vm_slot(vm, b->slot_index), b);
+		drop_holes(vm_slot(vm, b->slot_index), b, &hc);
 		for (uint32_t k = 0; k < b->npages; k++) {
 			if (!((b->bits[k / 64] >> (k % 64)) & 1))
 				continue;
@@ -1595,16 +1659,81 @@ static void decision_path(struct agent *a, uint64_t remote_id, const uint8_t *to
 }
 
 /*
- * Records the destination's decision: in memory, and for RUN on disk (written and synced,
- * with its directory) before anyone is told, so a restarted agent still answers a source
- * that lost the line. Returns -errno if a RUN could not be made durable: then it must not
- * run.
+ * The destination's decision file (state_dir/decisions/ID-TOKEN) is made during set-up,
+ * holding "wait\n", and synced with its directory then, so that recording RUN in the
+ * switch-over is one overwrite of the same four bytes and one fdatasync — no new file, no
+ * directory sync, no metadata change while the VM is paused. A file that says anything
+ * but "run\n" records no decision. Best effort: without it, record_decision makes the file
+ * then (the slower way).
+ */
+static void prepare_decision(struct migration *m)
+{
+	char path[PATH_MAX + 96], dir[PATH_MAX + 16];
+	decision_path(m->a, m->remote_id, m->token, path, sizeof(path));
+	snprintf(dir, sizeof(dir), "%s/decisions", m->a->cfg.state_dir);
+	int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return;
+	int dfd = -1;
+	if (pwrite(fd, "wait\n", 5, 0) != 5 || fsync(fd) < 0 ||
+	    (dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 || fsync(dfd) < 0) {
+		if (dfd >= 0)
+			close(dfd);
+		close(fd);
+		unlink(path);
+		return;
+	}
+	close(dfd);
+	m->decision_fd = fd;
+}
+
+/* End of an incoming migration: a decision file that never said RUN goes. */
+static void finish_decision(struct migration *m)
+{
+	if (m->decision_fd < 0)
+		return;
+	close(m->decision_fd);
+	m->decision_fd = -1;
+	pthread_mutex_lock(&m->lock);
+	bool run = m->decision == PROTO_DECIDED_RUN;
+	pthread_mutex_unlock(&m->lock);
+	if (!run) {
+		char path[PATH_MAX + 96];
+		decision_path(m->a, m->remote_id, m->token, path, sizeof(path));
+		unlink(path);
+	}
+}
+
+/* Whether a decision file records RUN. */
+static bool decision_file_says_run(const char *path)
+{
+	char b[5] = "";
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	ssize_t n = pread(fd, b, 4, 0);
+	close(fd);
+	return n == 4 && memcmp(b, "run\n", 4) == 0;
+}
+
+/*
+ * Records the destination's decision: in memory, and for RUN on disk (written and synced
+ * before anyone is told, with its directory unless prepare_decision made the file), so a
+ * restarted agent still answers a source that lost the line. Returns -errno if a RUN could
+ * not be made durable: then it must not run.
  */
 static int record_decision(struct migration *m, enum proto_decided d)
 {
 	struct agent *a = m->a;
 	int r = 0;
-	if (d == PROTO_DECIDED_RUN) {
+	if (d == PROTO_DECIDED_RUN && m->decision_fd >= 0) {
+		/* Four bytes over four bytes of a synced file: the data is all there is to sync. */
+		if (pwrite(m->decision_fd, "run\n", 4, 0) != 4 || fdatasync(m->decision_fd) < 0) {
+			r = errno ? -errno : -EIO;
+			(void)pwrite(m->decision_fd, "fail", 4, 0);
+			return r;
+		}
+	} else if (d == PROTO_DECIDED_RUN) {
 		char path[PATH_MAX + 96], dir[PATH_MAX + 16];
 		decision_path(a, m->remote_id, m->token, path, sizeof(path));
 		snprintf(dir, sizeof(dir), "%s/decisions", a->cfg.state_dir);
@@ -1970,6 +2099,7 @@ static void dest_job(struct migration *m)
 	if (r < 0)
 		goto fail;
 	set_state(m, MIG_RECEIVING);
+	prepare_decision(m); /* while the first pages come */
 
 	void *state_blob = NULL;
 	size_t state_len = 0;
@@ -2254,10 +2384,12 @@ static void rebalance_locked(struct agent *a)
 static void *job_thread(void *arg)
 {
 	struct migration *m = arg;
-	if (m->incoming)
+	if (m->incoming) {
 		dest_job(m);
-	else
+		finish_decision(m);
+	} else {
 		source_job(m);
+	}
 	drop_src(m);
 	drop_dst(m);
 	drop_ctl(m);
@@ -2282,6 +2414,7 @@ static struct migration *migration_alloc(struct agent *a, bool incoming)
 		return NULL;
 	m->a = a;
 	m->incoming = incoming;
+	m->decision_fd = -1;
 	pthread_mutex_init(&m->lock, NULL);
 	m->info.incoming = incoming;
 	m->info.state = MIG_SETUP; /* nothing queues yet (host admission is issue 4) */
@@ -2601,7 +2734,7 @@ static void answer_decision(struct agent *a, int fd, const void *p, size_t len)
 	if (d.decision == PROTO_DECIDED_UNKNOWN) {
 		char path[PATH_MAX + 96];
 		decision_path(a, dq.migration_id, dq.token, path, sizeof(path));
-		if (access(path, F_OK) == 0)
+		if (decision_file_says_run(path))
 			d.decision = PROTO_DECIDED_RUN;
 	}
 	agent_log(a, LOG_INFO, "decision asked for migration %llu: %s",

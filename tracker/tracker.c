@@ -386,7 +386,8 @@ int tracker_sync(struct tracker *t, struct tracker_sync_stats *ret_stats)
 	return 0;
 }
 
-int tracker_take_next(struct tracker *t, struct tracker_cursor *cur, struct tracker_batch *ret)
+static int take_next(struct tracker *t, struct tracker_cursor *cur, struct tracker_batch *ret,
+		     bool protect)
 {
 	if (!t || !cur || !ret)
 		return -EINVAL;
@@ -409,7 +410,7 @@ int tracker_take_next(struct tracker *t, struct tracker_cursor *cur, struct trac
 		uint32_t np = left < TRACKER_CHUNK_PAGES ? (uint32_t)left : TRACKER_CHUNK_PAGES;
 
 		/* Re-protect before the caller can read (DESIGN.md rule 1). */
-		if (t->backend == TRACKER_BITMAP && t->running) {
+		if (protect && t->backend == TRACKER_BITMAP && t->running) {
 			int rc = tracker_bitmap_clear_chunk(t, s, first, np, bits);
 			if (rc < 0) {
 				/* Not handed out, so it must stay dirty. */
@@ -427,6 +428,17 @@ int tracker_take_next(struct tracker *t, struct tracker_cursor *cur, struct trac
 		return 1;
 	}
 	return 0;
+}
+
+int tracker_take_next(struct tracker *t, struct tracker_cursor *cur, struct tracker_batch *ret)
+{
+	return take_next(t, cur, ret, true);
+}
+
+int tracker_take_next_paused(struct tracker *t, struct tracker_cursor *cur,
+			     struct tracker_batch *ret)
+{
+	return take_next(t, cur, ret, false);
 }
 
 void tracker_mark_dirty(struct tracker *t, uint32_t slot_index, uint64_t page)

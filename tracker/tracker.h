@@ -134,6 +134,16 @@ int tracker_sync(struct tracker *t, struct tracker_sync_stats *ret_stats);
  * guest size (the dirty set keeps a summary bit per 64 words).
  */
 int tracker_take_next(struct tracker *t, struct tracker_cursor *cur, struct tracker_batch *ret);
+/*
+ * The same without re-protecting anything in KVM: for the final passes over a VM whose
+ * vCPUs are paused and do not run again while this tracking run lasts (the switch-over;
+ * the caller stops tracking before a vCPU may resume, and a new run starts afresh with
+ * tracker_start). Re-protecting a large dirty set costs a write-protect of every page —
+ * most of a postcopy's downtime on a large guest under shadow paging — and buys nothing
+ * when no vCPU runs. Pages taken here but written in KVM's eyes stay dirty there.
+ */
+int tracker_take_next_paused(struct tracker *t, struct tracker_cursor *cur,
+			     struct tracker_batch *ret);
 
 /* Marks pages dirty by hand (e.g. a page whose send failed must go again). */
 void tracker_mark_dirty(struct tracker *t, uint32_t slot_index, uint64_t page);

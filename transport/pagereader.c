@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <liburing.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -117,6 +118,112 @@ unsigned pagereader_runs_from_bitmap(uint32_t region, uint64_t first_page, const
 	return n;
 }
 
+/* ---------------- the pool of ready buffer areas ---------------- */
+
+/*
+ * Buffer areas are faulted in when made (MAP_POPULATE) and pinned at registration; on a
+ * host where fresh memory is slow to touch that is most of a migration's set-up. Areas
+ * handed back by pagereader_free are kept (up to the bytes pagereader_pool_fill asked for)
+ * and the next reader with the same area size takes one: already faulted in, its pinning
+ * is cheap. Only the size must match; the contents are whatever the last reader read.
+ */
+#define POOL_MAX 64u
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+	void *p;
+	size_t len;
+} pool[POOL_MAX];
+static unsigned pool_n;
+static size_t pool_bytes, pool_keep; /* idle bytes held; the most worth holding */
+
+static void *area_new(size_t len)
+{
+	void *a = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
+		       -1, 0);
+	if (a == MAP_FAILED)
+		return NULL;
+	/* A forked helper has no use for pinned I/O buffers; don't make fork copy them. */
+	(void)madvise(a, len, MADV_DONTFORK);
+	return a;
+}
+
+static void *area_get(size_t len)
+{
+	void *a = NULL;
+	pthread_mutex_lock(&pool_lock);
+	for (unsigned i = 0; i < pool_n; i++) {
+		if (pool[i].len == len) {
+			a = pool[i].p;
+			pool[i] = pool[--pool_n];
+			pool_bytes -= len;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&pool_lock);
+	return a ? a : area_new(len);
+}
+
+static void area_put(void *a, size_t len)
+{
+	pthread_mutex_lock(&pool_lock);
+	bool keep = pool_n < POOL_MAX && pool_bytes + len <= pool_keep;
+	if (keep) {
+		pool[pool_n].p = a;
+		pool[pool_n++].len = len;
+		pool_bytes += len;
+	}
+	pthread_mutex_unlock(&pool_lock);
+	if (!keep)
+		munmap(a, len);
+}
+
+static int check_config(const struct pagereader_config *cfg, struct pagereader *r);
+
+int pagereader_pool_fill(const struct pagereader_config *cfg, unsigned n)
+{
+	struct pagereader probe = {0};
+	int err = check_config(cfg, &probe);
+	if (err < 0)
+		return err;
+	if (n > POOL_MAX)
+		return -EINVAL;
+	pthread_mutex_lock(&pool_lock);
+	size_t want = probe.area_len * n;
+	if (want > pool_keep)
+		pool_keep = want;
+	unsigned have = 0;
+	for (unsigned i = 0; i < pool_n; i++)
+		have += pool[i].len == probe.area_len;
+	pthread_mutex_unlock(&pool_lock);
+	unsigned made = have;
+	for (; made < n; made++) {
+		void *a = area_new(probe.area_len);
+		if (!a)
+			return made ? (int)made : -ENOMEM;
+		area_put(a, probe.area_len);
+	}
+	return (int)made;
+}
+
+void pagereader_pool_drain(void)
+{
+	pthread_mutex_lock(&pool_lock);
+	for (unsigned i = 0; i < pool_n; i++)
+		munmap(pool[i].p, pool[i].len);
+	pool_n = 0;
+	pool_bytes = 0;
+	pool_keep = 0;
+	pthread_mutex_unlock(&pool_lock);
+}
+
+size_t pagereader_pool_bytes(void)
+{
+	pthread_mutex_lock(&pool_lock);
+	size_t b = pool_bytes;
+	pthread_mutex_unlock(&pool_lock);
+	return b;
+}
+
 void pagereader_free(struct pagereader *r)
 {
 	if (!r)
@@ -127,7 +234,13 @@ void pagereader_free(struct pagereader *r)
 	 */
 	if (r->ring_ready)
 		io_uring_queue_exit(&r->ring);
-	if (r->area)
+	/*
+	 * Reads still in flight when the ring closes may land after io_uring_queue_exit
+	 * returns (teardown is asynchronous): such an area is never handed to another reader.
+	 */
+	if (r->area && r->inflight == 0)
+		area_put(r->area, r->area_len);
+	else if (r->area)
 		munmap(r->area, r->area_len);
 	free(r->free_stack);
 	free(r->chunks);
@@ -240,17 +353,14 @@ int pagereader_new(const struct pagereader_config *cfg, const int *region_fds,
 
 	/*
 	 * One anonymous mapping for all buffers: page aligned as READ_FIXED wants, one RDMA
-	 * memory region can cover it, and the kernel pins it once at registration.
+	 * memory region can cover it, and the kernel pins it once at registration. From the
+	 * pool when one of this size is ready.
 	 */
-	void *area = mmap(NULL, r->area_len, PROT_READ | PROT_WRITE,
-			  MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-	if (area == MAP_FAILED) {
-		err = -errno;
+	r->area = area_get(r->area_len);
+	if (!r->area) {
+		err = -ENOMEM;
 		goto err_free;
 	}
-	r->area = area;
-	/* A forked helper has no use for pinned I/O buffers; don't make fork copy them. */
-	(void)madvise(r->area, r->area_len, MADV_DONTFORK);
 
 	err = ring_init(r);
 	if (err < 0)

@@ -105,8 +105,25 @@ struct pagereader;
  */
 int pagereader_new(const struct pagereader_config *cfg, const int *region_fds,
 		   const uint64_t *region_sizes, unsigned nr_regions, struct pagereader **ret);
-/* Tears the ring down and unmaps the buffers. NULL-safe. Any chunk still held dies with it. */
+/* Tears the ring down and gives the buffer area back (to the pool while it keeps areas
+ * of that size, else unmapped). NULL-safe. Any chunk still held dies with it. */
 void pagereader_free(struct pagereader *r);
+
+/*
+ * A pool of buffer areas, faulted in ahead of time, for readers made later with the same
+ * sizes (queue_depth, batch_pages, nr_buffers as cfg, after defaults): pagereader_new takes
+ * one instead of mapping and faulting in a fresh area — on hosts where first touch of
+ * memory is slow that was most of a migration's set-up (docs/benchmarks.md) — and
+ * pagereader_free gives it back. pagereader_pool_fill makes areas until n of that size are
+ * idle and lets the pool keep that many bytes idle from then on; it may take a while (call
+ * it from a thread of its own). Returns the number of idle areas of that size, or -errno
+ * (-EINVAL for a bad cfg or n > 64, -ENOMEM when none could be made). Thread-safe.
+ * pagereader_pool_drain unmaps every idle area and keeps none from then on.
+ */
+int pagereader_pool_fill(const struct pagereader_config *cfg, unsigned n);
+void pagereader_pool_drain(void);
+/* Bytes of idle areas the pool holds now. */
+size_t pagereader_pool_bytes(void);
 
 /* The effective configuration (defaults filled in). */
 void pagereader_get_config(const struct pagereader *r, struct pagereader_config *ret);

@@ -697,7 +697,8 @@ static int dst_wait_fence(struct xport_dst *base, uint64_t fence, int timeout_ms
 
 		for (unsigned i = 0; i < x->expected && !x->err; i++) {
 			struct dst_qp *q = &x->qps[i];
-			if (q->have_fence && q->fence >= fence)
+			/* Fence 0 comes before every batch: passed by any queue pair. */
+			if (fence == 0 || (q->have_fence && q->fence >= fence))
 				continue;
 			all = false;
 			if (q->state == QP_CLOSED || q->state == QP_FAILED)

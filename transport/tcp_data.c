@@ -1168,7 +1168,8 @@ static int dst_wait_fence(struct xport_dst *base, uint64_t fence, int timeout_ms
 		}
 		for (unsigned i = 0; i < x->expected; i++) {
 			struct dst_stream *s = &x->streams[i];
-			if (s->have_fence && s->fence >= fence)
+			/* Fence 0 comes before every batch: passed by any stream. */
+			if (fence == 0 || (s->have_fence && s->fence >= fence))
 				continue;
 			all = false;
 			if (s->state == DST_CLOSED) {

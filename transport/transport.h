@@ -153,7 +153,7 @@ int xport_dst_add_stream(struct xport_dst *x, int fd, unsigned stream_index);
 /*
  * Waits until every expected stream has passed fence `fence` (all their writes landed).
  * Fence 0 comes before every batch (sources number batches from 1): passed at once, even
- * by streams that never sent anything.
+ * by streams that never sent anything (a receiver error is still reported).
  * -ETIMEDOUT, or the first receiver error (a stream that sent a bad frame or a write
  * outside the regions is disconnected; xport_dst_error() says why).
  */

@@ -84,8 +84,6 @@ int xport_dst_add_stream(struct xport_dst *x, int fd, unsigned stream_index)
 
 int xport_dst_wait_fence(struct xport_dst *x, uint64_t fence, int timeout_ms)
 {
-	if (fence == 0) /* before every batch (the source numbers them from 1) */
-		return 0;
 	return x->ops->wait_fence(x, fence, timeout_ms);
 }
 

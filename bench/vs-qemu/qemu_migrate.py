@@ -135,6 +135,9 @@ def main():
                     help="bytes/s; -1 keeps QEMU's default")
     ap.add_argument("--auto-converge", action="store_true")
     ap.add_argument("--multifd", type=int, default=0, help="multifd channels (0: off)")
+    ap.add_argument("--postcopy", action="store_true",
+                    help="postcopy-ram on both sides and migrate-start-postcopy right after "
+                         "migrate: postcopy with no precopy round, as ferry's postcopy variant")
     ap.add_argument("--downtime-limit", type=int, default=-1, help="ms; -1 keeps the default")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--warmup", type=float, default=2)
@@ -176,6 +179,8 @@ def main():
             caps["auto-converge"] = True
         if args.multifd:
             caps["multifd"] = True
+        if args.postcopy:
+            caps["postcopy-ram"] = True
         for q in (src, dst):
             if caps:
                 q.cmd("migrate-set-capabilities",
@@ -185,6 +190,8 @@ def main():
         p = {}
         if args.max_bandwidth >= 0:
             p["max-bandwidth"] = args.max_bandwidth
+            if args.postcopy:  # the postcopy phase has a cap of its own
+                p["max-postcopy-bandwidth"] = args.max_bandwidth
         if args.downtime_limit >= 0:
             p["downtime-limit"] = args.downtime_limit
         if p:
@@ -200,6 +207,8 @@ def main():
         pages_before = read_pages(src, rng)
         t0 = time.monotonic()
         src.cmd("migrate", uri=uri)
+        if args.postcopy:
+            src.cmd("migrate-start-postcopy")
         end = t0 + args.timeout
         info = {}
         while True:

@@ -33,10 +33,15 @@
 #   downtime <= 0.1x, bytes <= 0.6x, and the same as CSV (every run, then the summary).
 # Usage: run.sh [--build DIR] [--quick] [--case N[,N...]] [--reps N] [--timeout SECONDS]
 #          [--warmup SECONDS] [--qemu-variants LIST] [--ferry-tracker auto|ring|bitmap]
-#          [--systems qemu,ferry] [--ferry-yaml LINE]... [--csv FILE] [--keep]
+#          [--systems qemu,ferry] [--ferry-variants LIST] [--ferry-yaml LINE]...
+#          [--csv FILE] [--keep]
 #   DIR defaults to $FERRY_BUILD, else ./build (built with cmake if ferryd is missing).
 #   --timeout defaults to 300 (60 with --quick). Needs root for /dev/kvm and to install
 #   qemu-system-x86 with apt when it is missing. --keep keeps the work dir (logs).
+#   --ferry-variants: ferry configurations to run, default `default` (ferry's defaults);
+#   `postcopy` allows postcopy and starts it with no precopy round (policy allow_postcopy,
+#   postcopy_start early, postcopy_precopy_rounds 0): every written page moves once, after
+#   the switch-over; the table names it ferry-TRACKER-postcopy.
 #   --ferry-yaml adds a line to both agents' ferryd.yaml, right after the migration
 #   section's listen line (so "  streams: 8" sets a migration key, "policy:" opens a
 #   section); repeat it for several lines.
@@ -56,6 +61,7 @@ csv=""
 keep=0
 systems=qemu,ferry
 ferry_yaml=()
+ferry_variants=default
 usage() { sed -n '/^# Usage:/,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -68,6 +74,7 @@ while [ $# -gt 0 ]; do
     --qemu-variants) qemu_variants=$2; shift 2 ;;
     --ferry-tracker) ferry_tracker=$2; shift 2 ;;
     --ferry-yaml) ferry_yaml+=("$2"); shift 2 ;;
+    --ferry-variants) ferry_variants=$2; shift 2 ;;
     --csv) csv=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --systems) systems=$2; shift 2 ;;
@@ -75,6 +82,17 @@ while [ $# -gt 0 ]; do
     *) echo "vs-qemu: unknown option $1" >&2; usage ;;
   esac
 done
+
+# The ferryd.yaml policy lines of a ferry variant (after the timeouts' "policy:").
+ferry_variant_policy() {
+  case $1 in
+    default) ;;
+    postcopy) printf '%s\n' "  allow_postcopy: true" "  postcopy_start: early" "  postcopy_precopy_rounds: 0" ;;
+    *) echo "vs-qemu: unknown ferry variant $1 (default, postcopy)" >&2; exit 2 ;;
+  esac
+}
+
+for fv in ${ferry_variants//,/ }; do ferry_variant_policy "$fv" >/dev/null || exit 2; done
 [ -n "$timeout" ] || timeout=$([ $quick = 1 ] && echo 60 || echo 300)
 say() { echo "# $*" >&2; }
 die() { echo "vs-qemu: $*" >&2; exit 1; }
@@ -126,8 +144,8 @@ case_range() { case $quick$1 in 01) echo 100M ;; 02) echo 1G ;; 03) echo 256M ;;
 case_cap() { case $1 in 3) echo 125000000 ;; *) echo 0 ;; esac; }
 case_variants() {
   if [ -n "$qemu_variants" ]; then echo "${qemu_variants//,/ }"
-  elif [ "$1" = 3 ]; then echo default-ac ring-ac
-  else echo default ring ring-multifd; fi
+  elif [ "$1" = 3 ]; then echo default-ac ring-ac ring-postcopy
+  else echo default ring ring-multifd ring-postcopy; fi
 }
 bytes_of() { numfmt --from=iec "$1"; }
 for c in ${cases//,/ }; do
@@ -174,19 +192,20 @@ dump_passes() { # agent vm -> the guest's pass counter (dword at 0x600), via a f
   rm -f "$f"
 }
 
-# ferry_run CASE REP -> appends one JSON line to $results
+# ferry_run CASE REP VARIANT -> appends one JSON line to $results
 ferry_run() {
-  local c=$1 rep=$2 mem range cap img rc rec id state note="" alive=false
+  local c=$1 rep=$2 fv=$3 mem range cap img rc rec id state note="" alive=false
   mem=$(case_mem "$c"); range=$(case_range "$c"); cap=$(case_cap "$c")
   img=$(make_image "$range")
   # --ferry-yaml lines first (they start in the migration section); the timeouts join
   # their policy section if they open one.
-  local y=() l pol=0
+  local y=() l pol=0 vp=()
+  mapfile -t vp < <(ferry_variant_policy "$fv")
   for l in "${ferry_yaml[@]}"; do
     y+=("$l")
-    [ "$l" = "policy:" ] && { y+=("${no_timeouts[@]:1}"); pol=1; }
+    [ "$l" = "policy:" ] && { y+=("${no_timeouts[@]:1}" "${vp[@]}"); pol=1; }
   done
-  [ $pol = 1 ] || y+=("${no_timeouts[@]}")
+  [ $pol = 1 ] || y+=("${no_timeouts[@]}" "${vp[@]}")
   start_agent src "${y[@]}"
   start_agent dst "${y[@]}"
   local vm=vsq
@@ -253,9 +272,9 @@ ferry_run() {
   fi
   echo "$rec" | jq -c --arg c "$c" --arg r "$rep" --arg res "$result" --arg n "$note" \
     --argjson alive $alive --argjson passes "$passes" --arg tr "$tracker" \
-    --arg mem "$mem" --arg range "$range" --arg cap "$cap" --argjson hist "$hist" \
+    --arg mem "$mem" --arg range "$range" --arg cap "$cap" --argjson hist "$hist" --arg fv "$fv" \
     '{case: ($c|tonumber), rep: ($r|tonumber), memory: $mem, range: $range, cap: ($cap|tonumber),
-      system: "ferry", variant: ("ferry-" + $tr), result: $res, total_ms: .total_time_ms, downtime_ms: .downtime_ms, setup_ms: .setup_time_ms,
+      system: "ferry", variant: ("ferry-" + $tr + (if $fv == "default" then "" else "-" + $fv end)), result: $res, total_ms: .total_time_ms, downtime_ms: .downtime_ms, setup_ms: .setup_time_ms,
       bytes: .bytes_sent, rounds: .round, dest_running: $alive, dest_passes: $passes,
       throttle: $hist, decision: .decision,
       note: $n, record: .}' >>"$results"
@@ -279,7 +298,8 @@ qemu_run() {
     default-ac) opts=(--max-bandwidth "$bw" --auto-converge) ;;
     ring-ac) opts=(--dirty-ring 65536 --max-bandwidth "$bw" --auto-converge) ;;
     noac) opts=(--max-bandwidth "$bw") ;;
-    *) die "unknown QEMU variant $v (default, ring, ring-multifd, log-unlimited, default-ac, ring-ac, noac)" ;;
+    ring-postcopy) opts=(--dirty-ring 65536 --max-bandwidth "$bw" --postcopy) ;;
+    *) die "unknown QEMU variant $v (default, ring, ring-multifd, ring-postcopy, log-unlimited, default-ac, ring-ac, noac)" ;;
   esac
   out=$(python3 "$here/qemu_migrate.py" --qemu "$qemu" --img "$img" --memory "$mem" \
     --workdir "$tmp/qemu-c$c-r$rep-$v" --variant "$v" --timeout "$timeout" \
@@ -319,8 +339,10 @@ for rep in $(seq "$reps"); do
       tail -n 1 "$results" | jq -r '"#   qemu \(.variant): \(.result) total \(.total_ms // "-") ms, downtime \(.downtime_ms // "-") ms, \((.bytes // 0) / 1048576 | floor) MiB, sync rounds \(.rounds // "-"), guest dirtied \(.guest_dirty_MBps // "-") MB/s on the source\(if .note != "" then ", " + .note else "" end)"' >&2
     done
     case ",$systems," in *,ferry,*) ;; *) continue ;; esac
-    ferry_run "$c" "$rep"
-    tail -n 1 "$results" | jq -r '"#   ferry (\(.variant)): \(.result) total \(.total_ms // "-") ms (setup \(.setup_ms // "-")), downtime \(.downtime_ms // "-") ms, \((.bytes // 0) / 1048576 | floor) MiB, rounds \(.rounds // "-"), dirty rate \(.record.dirty_rate_pps // "-") pages/s, throttled up to \(.throttle.slowed_pct_max // "-")% (level \(.throttle.throttle_level_max // "-")), last decision \(.decision // "-")\(if .note != "" then ", " + .note else "" end)"' >&2
+    for fv in ${ferry_variants//,/ }; do
+      ferry_run "$c" "$rep" "$fv"
+      tail -n 1 "$results" | jq -r '"#   ferry (\(.variant)): \(.result) total \(.total_ms // "-") ms (setup \(.setup_ms // "-")), downtime \(.downtime_ms // "-") ms, \((.bytes // 0) / 1048576 | floor) MiB, rounds \(.rounds // "-"), dirty rate \(.record.dirty_rate_pps // "-") pages/s, throttled up to \(.throttle.slowed_pct_max // "-")% (level \(.throttle.throttle_level_max // "-")), last decision \(.decision // "-")\(if .note != "" then ", " + .note else "" end)"' >&2
+    done
   done
 done
 

@@ -269,7 +269,8 @@ static const struct bad bad_cases[] = {
 	/* unknown keys, with the known list and a suggestion */
 	{"migration:\n  bandwith: 1G\n", "2:3",
 	 "unknown key 'bandwith' in 'migration'; did you mean 'bandwidth'? (known: listen, "
-	 "downtime_ms, bandwidth, streams, transport, verify, queue_depth, batch_pages)"},
+	 "downtime_ms, bandwidth, streams, transport, verify, queue_depth, batch_pages, "
+	 "warm_buffers)"},
 	{"foo: 1\n", "1:1", "unknown key 'foo' at the top level (known: name, log_level, state_dir, control"},
 	{"Migration:\n  streams: 2\n", "1:1", "did you mean 'migration'?"},
 	{"tls:\n  crt: /a\n", "2:3", "unknown key 'crt' in 'tls'; did you mean 'cert'?"},

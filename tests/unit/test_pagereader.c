@@ -830,6 +830,57 @@ static void async_keep(void **state)
 	free(k);
 }
 
+/*
+ * The buffer pool: pagereader_pool_fill readies areas of one configuration; a reader of
+ * that configuration takes one (the pool shrinks by an area) and gives it back on free,
+ * where it is read correctly again by the next; another configuration maps its own; a
+ * drained pool keeps nothing.
+ */
+static void pool(void **state)
+{
+	struct big *b = *state;
+	struct pagereader_config cfg = {.queue_depth = 4, .batch_pages = 16};
+	const size_t area = 2 * 4 * 16 * PAGE; /* nr_buffers defaults to 2 * queue_depth */
+	uint64_t size = (uint64_t)BIG_PAGES * PAGE;
+	pagereader_pool_drain();
+	assert_int_equal(pagereader_pool_bytes(), 0);
+	assert_int_equal(pagereader_pool_fill(&cfg, 2), 2);
+	assert_int_equal(pagereader_pool_bytes(), 2 * area);
+	assert_int_equal(pagereader_pool_fill(&cfg, 2), 2); /* already there: nothing made */
+	assert_int_equal(pagereader_pool_bytes(), 2 * area);
+	struct pagereader_config bad = {.queue_depth = 8, .nr_buffers = 4};
+	assert_int_equal(pagereader_pool_fill(&bad, 1), -EINVAL);
+	assert_int_equal(pagereader_pool_fill(&cfg, 65), -EINVAL);
+
+	for (int round = 0; round < 2; round++) {
+		struct pagereader *r = NULL;
+		assert_int_equal(pagereader_new(&cfg, &b->fd, &size, 1, &r), 0);
+		assert_int_equal(pagereader_pool_bytes(), area);
+		struct page_run run = {.region = 0, .first_page = 7, .npages = 200};
+		struct check_ctx x;
+		model_clear(&b->m, 1);
+		memset(b->m.want + 7, 1, 200);
+		ctx_init(&x, r, &b->m, 1);
+		assert_int_equal(pagereader_read(r, &run, 1, check_consume, &x), 0);
+		model_check_all_seen(&b->m, 1);
+		assert_idle(r);
+		pagereader_free(r);
+		assert_int_equal(pagereader_pool_bytes(), 2 * area);
+	}
+	/* Another size maps its own area and does not stay (the pool keeps 2 areas' bytes). */
+	struct pagereader_config other = {.queue_depth = 4, .batch_pages = 8};
+	struct pagereader *r = NULL;
+	assert_int_equal(pagereader_new(&other, &b->fd, &size, 1, &r), 0);
+	assert_int_equal(pagereader_pool_bytes(), 2 * area);
+	pagereader_free(r);
+	assert_int_equal(pagereader_pool_bytes(), 2 * area);
+	pagereader_pool_drain();
+	assert_int_equal(pagereader_pool_bytes(), 0);
+	assert_int_equal(pagereader_new(&cfg, &b->fd, &size, 1, &r), 0);
+	pagereader_free(r); /* nothing kept after a drain */
+	assert_int_equal(pagereader_pool_bytes(), 0);
+}
+
 int main(void)
 {
 	/* A hang is a failure: SIGALRM kills the binary and ctest reports it. */
@@ -859,6 +910,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(read_whole_split, big_setup, big_teardown),
 		cmocka_unit_test_setup_teardown(abort_midway, big_setup, big_teardown),
 		cmocka_unit_test_setup_teardown(async_keep, big_setup, big_teardown),
+		cmocka_unit_test_setup_teardown(pool, big_setup, big_teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
