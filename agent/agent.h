@@ -128,6 +128,7 @@ struct migration_request {
 	uint32_t streams;              /* 0 = config default */
 	int verify;                    /* -1 = config default, 0/1 */
 	enum migration_transport transport;
+	int compress; /* -1 = migration.compress; else enum ferry_config_compress */
 	/* Policy overrides (docs/scheduler.md); -1 = the agent's policy.* setting. */
 	int allow_postcopy;                 /* 0/1 */
 	/* postcopy once this many precopy rounds are done (0..1000); -1 = only as a last
@@ -169,8 +170,11 @@ struct migration_info {
 	enum migration_state state;
 	char transport[16];
 	char transport_reason[128];
+	char compression[8];          /* "zstd" or "none" */
+	char compression_reason[128];
 	uint32_t round;
-	uint64_t bytes_sent;
+	uint64_t bytes_sent;          /* page-data bytes on the wire (frames; compressed) */
+	uint64_t bytes_uncompressed;  /* source: what bytes_sent would be raw; 0 = unknown */
 	uint64_t pages_normal;
 	uint64_t pages_zero;
 	uint64_t remaining_bytes;

@@ -525,8 +525,12 @@ static json_t *migration_json(const struct migration_info *m)
 	put(o, "state", text(migration_state_name(m->state)));
 	put(o, "transport", text_or_null(m->transport));
 	put(o, "transport_reason", text_or_null(m->transport_reason));
+	put(o, "compression", text_or_null(m->compression));
+	put(o, "compression_reason", text_or_null(m->compression_reason));
 	put(o, "round", uint_json(m->round));
 	put(o, "bytes_sent", uint_json(m->bytes_sent));
+	put(o, "bytes_uncompressed",
+	    m->bytes_uncompressed ? uint_json(m->bytes_uncompressed) : json_null());
 	put(o, "pages_normal", uint_json(m->pages_normal));
 	put(o, "pages_zero", uint_json(m->pages_zero));
 	put(o, "remaining_bytes", uint_json(m->remaining_bytes));
@@ -862,7 +866,7 @@ static enum MHD_Result list_migrations(struct api *api, struct MHD_Connection *c
 }
 
 static const char *const migration_create_fields[] = {
-    "vm", "to", "downtime_ms", "bandwidth", "streams", "verify", "transport",
+    "vm", "to", "downtime_ms", "bandwidth", "streams", "verify", "transport", "compress",
     "allow_postcopy", "postcopy_after_rounds", "timeout_action", "completion_timeout_per_gib",
     "progress_timeout", "priority", NULL};
 
@@ -960,6 +964,18 @@ static int parse_migration_request(json_t *o, struct migration_request *req, cha
 		req->transport = MIG_TRANSPORT_RDMA;
 	else if (r && strcmp(transport, "auto") != 0)
 		return bad(msg, mlen, "field 'transport' must be one of auto, tcp, rdma");
+	char compress[16] = "";
+	r = field_string(o, "compress", compress, sizeof(compress), msg, mlen);
+	if (r < 0)
+		return -1;
+	if (r && !strcmp(compress, "off"))
+		req->compress = FERRY_CONFIG_COMPRESS_OFF;
+	else if (r && !strcmp(compress, "on"))
+		req->compress = FERRY_CONFIG_COMPRESS_ON;
+	else if (r && !strcmp(compress, "auto"))
+		req->compress = FERRY_CONFIG_COMPRESS_AUTO;
+	else if (r)
+		return bad(msg, mlen, "field 'compress' must be one of off, on, auto");
 	return parse_policy_fields(o, req, msg, mlen);
 }
 
@@ -1023,7 +1039,8 @@ static enum MHD_Result get_history(struct api *api, struct MHD_Connection *c, ui
 /* ---------------- /v1/evacuate ---------------- */
 
 static const char *const evacuate_fields[] = {
-    "to", "vms", "downtime_ms", "bandwidth", "streams", "verify", "transport", "allow_postcopy",
+    "to", "vms", "downtime_ms", "bandwidth", "streams", "verify", "transport", "compress",
+    "allow_postcopy",
     "postcopy_after_rounds", "timeout_action", "completion_timeout_per_gib", "progress_timeout",
     "priority", NULL};
 

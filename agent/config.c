@@ -66,12 +66,14 @@ struct section {
 
 static const char *const log_level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const transport_names[] = {"auto", "tcp", "rdma", NULL};
+static const char *const compress_names[] = {"off", "on", "auto", NULL};
 static const char *const timeout_action_names[] = {"abort", "switchover", "postcopy", NULL};
 static const char *const postcopy_start_names[] = {"last_resort", "early", NULL};
 
 /* K_ENUM fields are written through an unsigned; GCC gives these enums that representation. */
 _Static_assert(sizeof(enum ferry_config_log_level) == sizeof(unsigned), "enum size");
 _Static_assert(sizeof(enum ferry_config_transport) == sizeof(unsigned), "enum size");
+_Static_assert(sizeof(enum ferry_config_compress) == sizeof(unsigned), "enum size");
 _Static_assert(sizeof(enum ferry_config_timeout_action) == sizeof(unsigned), "enum size");
 _Static_assert(sizeof(enum ferry_config_postcopy_start) == sizeof(unsigned), "enum size");
 
@@ -100,6 +102,10 @@ static const struct key migration_keys[] = {
 	{.name = "batch_pages", .kind = K_U32, .off = OFF(migration.batch_pages), .min = 1,
 	 .max = 65536},
 	{.name = "warm_buffers", .kind = K_BOOL, .off = OFF(migration.warm_buffers)},
+	{.name = "compress", .kind = K_ENUM, .off = OFF(migration.compress),
+	 .names = compress_names},
+	{.name = "compress_level", .kind = K_U32, .off = OFF(migration.compress_level), .min = 1,
+	 .max = 19},
 };
 
 static const struct key policy_keys[] = {
@@ -166,6 +172,11 @@ const char *ferry_config_log_level_name(enum ferry_config_log_level l)
 	return (unsigned)l < NKEYS(log_level_names) - 1 ? log_level_names[l] : "?";
 }
 
+const char *ferry_config_compress_name(enum ferry_config_compress c)
+{
+	return (unsigned)c < NKEYS(compress_names) - 1 ? compress_names[c] : "?";
+}
+
 const char *ferry_config_transport_name(enum ferry_config_transport t)
 {
 	return (unsigned)t < NKEYS(transport_names) - 1 ? transport_names[t] : "?";
@@ -202,6 +213,8 @@ void ferry_config_defaults(struct ferry_config *c)
 	c->migration.bandwidth = 0;
 	c->migration.streams = 4;
 	c->migration.transport = FERRY_CONFIG_TRANSPORT_AUTO;
+	c->migration.compress = FERRY_CONFIG_COMPRESS_AUTO;
+	c->migration.compress_level = 1;
 	c->migration.verify = false;
 	c->migration.queue_depth = 16;
 	c->migration.batch_pages = 256;

@@ -50,6 +50,13 @@ enum ferry_config_transport {
 	FERRY_CONFIG_TRANSPORT_RDMA,
 };
 
+/* Compressing page data (zstd) on the TCP data path. */
+enum ferry_config_compress {
+	FERRY_CONFIG_COMPRESS_OFF = 0,
+	FERRY_CONFIG_COMPRESS_ON,
+	FERRY_CONFIG_COMPRESS_AUTO, /* only when the migration's bandwidth is capped */
+};
+
 /* HOST:PORT as parsed; host[0] == '\0' means "not set" (only allowed where documented). */
 struct ferry_hostport {
 	char host[FERRY_CONFIG_HOST_MAX + 1]; /* no brackets: "::1", "0.0.0.0", "host-b" */
@@ -71,6 +78,8 @@ struct ferry_config_migration {
 	uint32_t queue_depth; /* io_uring entries, 1..4096 */
 	uint32_t batch_pages; /* pages per read/write batch, 1..65536 */
 	bool warm_buffers;    /* fault in `streams` page readers' buffers at start-up */
+	enum ferry_config_compress compress; /* default auto */
+	uint32_t compress_level;             /* zstd level, 1..19; default 1 */
 };
 
 /* What the scheduler does when a timeout fires (docs/scheduler.md). */
@@ -208,6 +217,7 @@ int ferry_config_parse_size(const char *s, uint64_t *ret);
 /* Enum names as they appear in the file ("info", "rdma"); "?" for out-of-range values. */
 const char *ferry_config_log_level_name(enum ferry_config_log_level l);
 const char *ferry_config_transport_name(enum ferry_config_transport t);
+const char *ferry_config_compress_name(enum ferry_config_compress c);
 const char *ferry_config_timeout_action_name(enum ferry_config_timeout_action a);
 /* "abort" | "switchover" | "postcopy"; -EINVAL otherwise. */
 int ferry_config_timeout_action_parse(const char *s, enum ferry_config_timeout_action *ret);

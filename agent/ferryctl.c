@@ -315,7 +315,7 @@ struct opts {
 	const char *params[PARAMS_MAX];
 	unsigned nr_params;
 	bool hugepages, paused, follow;
-	const char *to, *bandwidth, *transport;
+	const char *to, *bandwidth, *transport, *compress;
 	long downtime, streams;
 	int verify; /* -1 unset */
 	bool wait;
@@ -645,11 +645,20 @@ static void print_migration(const json_t *m)
 	printf("transport:         %s%s%s%s\n", str(m, "transport")[0] ? str(m, "transport") : "-",
 	       str(m, "transport_reason")[0] ? " (" : "", str(m, "transport_reason"),
 	       str(m, "transport_reason")[0] ? ")" : "");
+	printf("compression:       %s%s%s%s\n",
+	       str(m, "compression")[0] ? str(m, "compression") : "-",
+	       str(m, "compression_reason")[0] ? " (" : "", str(m, "compression_reason"),
+	       str(m, "compression_reason")[0] ? ")" : "");
 	printf("round:             %llu\n", (unsigned long long)num(m, "round"));
-	printf("sent:              %s (%llu pages, %llu zero pages)\n",
+	printf("sent:              %s (%llu pages, %llu zero pages)",
 	       size_text(num(m, "bytes_sent"), b1, sizeof(b1)),
 	       (unsigned long long)num(m, "pages_normal"),
 	       (unsigned long long)num(m, "pages_zero"));
+	if (num(m, "bytes_uncompressed") > num(m, "bytes_sent") && num(m, "bytes_sent"))
+		printf(", %.2fx smaller than raw %s",
+		       (double)num(m, "bytes_uncompressed") / (double)num(m, "bytes_sent"),
+		       size_text(num(m, "bytes_uncompressed"), b2, sizeof(b2)));
+	printf("\n");
 	printf("remaining:         %s\n", size_text(num(m, "remaining_bytes"), b2, sizeof(b2)));
 	printf("dirty rate:        %.0f pages/s\n", real(m, "dirty_rate_pps"));
 	printf("bandwidth:         %.1f MB/s\n", real(m, "bandwidth_bps") / 1e6);
@@ -767,6 +776,8 @@ static void put_migration_settings(json_t *body, const struct opts *o)
 		json_object_set_new(body, "verify", json_boolean(o->verify));
 	if (o->transport)
 		json_object_set_new(body, "transport", json_string(o->transport));
+	if (o->compress)
+		json_object_set_new(body, "compress", json_string(o->compress));
 	if (o->postcopy >= 0)
 		json_object_set_new(body, "allow_postcopy", json_boolean(o->postcopy));
 	if (o->postcopy_after >= -1)
@@ -1157,6 +1168,7 @@ static void usage(FILE *f)
 		"  vm dump NAME FILE             write guest memory to FILE (on the agent's host)\n"
 		"  migrate NAME --to HOST:PORT [--downtime MS] [--bandwidth RATE] [--streams N]\n"
 		"          [--verify|--no-verify] [--transport auto|tcp|rdma] [--wait]\n"
+		"          [--compress off|on|auto]\n"
 		"          [--postcopy|--no-postcopy] [--postcopy-after ROUNDS|off]\n"
 		"          [--timeout-action abort|switchover|postcopy]\n"
 		"          [--completion-timeout S_PER_GIB] [--progress-timeout S] [--priority 0..100]\n"
@@ -1201,6 +1213,7 @@ enum opt_id {
 	O_PROGRESS_TIMEOUT,
 	O_PRIORITY,
 	O_POSTCOPY_AFTER,
+	O_COMPRESS,
 };
 #define BIT(o) (1ull << (o))
 #define COMMON (BIT(O_SOCKET) | BIT(O_JSON) | BIT(O_HELP))
@@ -1209,7 +1222,7 @@ enum opt_id {
 	(BIT(O_TO) | BIT(O_DOWNTIME) | BIT(O_BANDWIDTH) | BIT(O_STREAMS) | BIT(O_VERIFY) |   \
 	 BIT(O_NO_VERIFY) | BIT(O_TRANSPORT) | BIT(O_WAIT) | BIT(O_POSTCOPY) |                \
 	 BIT(O_NO_POSTCOPY) | BIT(O_TIMEOUT_ACTION) | BIT(O_COMPLETION_TIMEOUT) |             \
-	 BIT(O_PROGRESS_TIMEOUT) | BIT(O_PRIORITY) | BIT(O_POSTCOPY_AFTER))
+	 BIT(O_PROGRESS_TIMEOUT) | BIT(O_PRIORITY) | BIT(O_POSTCOPY_AFTER) | BIT(O_COMPRESS))
 
 static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int usage_error(const char *fmt, ...)
@@ -1313,6 +1326,7 @@ static int run(struct ctl *ctl, char **pos, int npos, uint64_t seen, const struc
 		    [O_PROGRESS_TIMEOUT] = "--progress-timeout",
 		    [O_PRIORITY] = "--priority",
 		    [O_POSTCOPY_AFTER] = "--postcopy-after",
+		    [O_COMPRESS] = "--compress",
 		};
 		int b = __builtin_ctzll(stray);
 		return usage_error("%s does not apply to '%s'", names[b] ? names[b] : "option",
@@ -1386,6 +1400,7 @@ int main(int argc, char **argv)
 	    {"verify", no_argument, NULL, O_VERIFY},
 	    {"no-verify", no_argument, NULL, O_NO_VERIFY},
 	    {"transport", required_argument, NULL, O_TRANSPORT},
+	    {"compress", required_argument, NULL, O_COMPRESS},
 	    {"wait", no_argument, NULL, O_WAIT},
 	    {"since", required_argument, NULL, O_SINCE},
 	    {"postcopy", no_argument, NULL, O_POSTCOPY},
@@ -1486,6 +1501,12 @@ int main(int argc, char **argv)
 			break;
 		case O_TRANSPORT:
 			o.transport = optarg;
+			break;
+		case O_COMPRESS:
+			if (strcmp(optarg, "off") && strcmp(optarg, "on") && strcmp(optarg, "auto"))
+				return usage_error("--compress takes off, on or auto, got '%s'",
+						   optarg);
+			o.compress = optarg;
 			break;
 		case O_WAIT:
 			o.wait = true;

@@ -571,6 +571,7 @@ static void publish_sent(struct migration *m, uint64_t remaining_bytes)
 	xport_src_stats(m->src, &st);
 	pthread_mutex_lock(&m->lock);
 	m->info.bytes_sent = st.bytes;
+	m->info.bytes_uncompressed = st.raw_bytes;
 	m->info.pages_normal = st.pages;
 	m->info.pages_zero = st.zero_pages;
 	m->info.remaining_bytes = remaining_bytes;
@@ -647,6 +648,7 @@ static void update_stats(struct migration *m, uint32_t round, uint64_t remaining
 	pthread_mutex_lock(&m->lock);
 	m->info.round = round;
 	m->info.bytes_sent = st.bytes;
+	m->info.bytes_uncompressed = st.raw_bytes;
 	m->info.pages_normal = st.pages;
 	m->info.pages_zero = st.zero_pages;
 	m->info.remaining_bytes = remaining_pages * 4096ull;
@@ -697,6 +699,40 @@ void migration_warm_buffers(struct agent *a)
 	}
 }
 
+/*
+ * Whether to offer compressed pages (PROTO_CAP_ZSTD): the request's compress, else
+ * migration.compress; auto = only when this migration's bandwidth is capped (its own cap,
+ * merged with migration.bandwidth at creation, or a policy.link_capacity share), since on
+ * an uncapped link the CPU is the bottleneck of a small host. why says which.
+ */
+static bool compress_wanted(const struct migration *m, char *why, size_t len)
+{
+	const struct ferry_config *c = &m->a->cfg;
+	int mode = m->req.compress >= 0 ? m->req.compress : (int)c->migration.compress;
+	const char *by = m->req.compress >= 0 ? "requested" : "migration.compress";
+
+	if (mode == FERRY_CONFIG_COMPRESS_OFF) {
+		snprintf(why, len, "compress off (%s)", by);
+		return false;
+	}
+	if (mode == FERRY_CONFIG_COMPRESS_ON) {
+		snprintf(why, len, "compress on (%s)", by);
+		return true;
+	}
+	if (m->req.bandwidth) {
+		snprintf(why, len, "compress auto: bandwidth capped at %llu bytes/s",
+			 (unsigned long long)m->req.bandwidth);
+		return true;
+	}
+	if (c->policy.link_capacity) {
+		snprintf(why, len, "compress auto: policy.link_capacity %llu bytes/s is shared",
+			 (unsigned long long)c->policy.link_capacity);
+		return true;
+	}
+	snprintf(why, len, "compress auto: no bandwidth cap (the CPU, not the link, limits)");
+	return false;
+}
+
 /* Connects and runs HELLO / VM_OFFER; fills the data path. */
 static int source_setup(struct migration *m, struct vm *vm)
 {
@@ -734,12 +770,15 @@ static int source_setup(struct migration *m, struct vm *vm)
 	if (want == MIG_TRANSPORT_RDMA && !offer_rdma)
 		return mig_fail(m, -EOPNOTSUPP, "transport rdma: this agent cannot: %s", why);
 
+	char zwhy[128] = "";
+	bool offer_zstd = compress_wanted(m, zwhy, sizeof(zwhy));
 	struct proto_hello h = {
-		.min_version = PROTO_VERSION,
+		.min_version = PROTO_MIN_VERSION, /* a v1 destination answers in v1 */
 		.max_version = PROTO_VERSION,
 		.migration_id = m->id,
 		.caps = PROTO_CAP_TCP | (offer_rdma ? PROTO_CAP_RDMA : 0) |
-			(m->info.verify ? PROTO_CAP_VERIFY : 0),
+			(m->info.verify ? PROTO_CAP_VERIFY : 0) |
+			(offer_zstd ? PROTO_CAP_ZSTD : 0),
 		.page_size = 4096,
 		.streams = m->req.streams,
 	};
@@ -754,6 +793,8 @@ static int source_setup(struct migration *m, struct vm *vm)
 	free(buf);
 	if (r < 0)
 		return mig_fail(m, r, "bad WELCOME: %s", err);
+	if ((w.caps & PROTO_CAP_ZSTD) && !offer_zstd)
+		return mig_fail(m, -EPROTO, "bad WELCOME: ZSTD chosen but not offered");
 	memcpy(m->token, w.token, sizeof(m->token));
 
 	struct proto_vm_offer o = {
@@ -783,6 +824,12 @@ static int source_setup(struct migration *m, struct vm *vm)
 		snprintf(why, sizeof(why), "the destination did not offer RDMA");
 	if (want == MIG_TRANSPORT_RDMA && !use_rdma)
 		return mig_fail(m, -EOPNOTSUPP, "transport rdma: %s", why);
+	bool use_zstd = offer_zstd && !use_rdma && (w.caps & PROTO_CAP_ZSTD);
+	if (offer_zstd && use_rdma)
+		snprintf(zwhy, sizeof(zwhy), "RDMA writes pages straight into guest memory");
+	else if (offer_zstd && !use_zstd)
+		snprintf(zwhy, sizeof(zwhy), "the destination speaks protocol %u without ZSTD",
+			 w.version);
 	if (cancelled(m))
 		return mig_fail(m, -ECANCELED, "cancelled");
 
@@ -796,6 +843,8 @@ static int source_setup(struct migration *m, struct vm *vm)
 	struct xport_src_config xc = {
 		.streams = m->req.streams,
 		.bandwidth = m->req.bandwidth,
+		.compress = use_zstd,
+		.compress_level = (int)a->cfg.migration.compress_level,
 	};
 	reader_config(a, &xc.reader);
 	struct xport_src *src = NULL;
@@ -820,6 +869,9 @@ static int source_setup(struct migration *m, struct vm *vm)
 		xport_src_cancel(src);
 	snprintf(m->info.transport, sizeof(m->info.transport), "%s", xport_src_name(m->src));
 	snprintf(m->info.transport_reason, sizeof(m->info.transport_reason), "%.127s", why);
+	snprintf(m->info.compression, sizeof(m->info.compression), "%s",
+		 use_zstd ? "zstd" : "none");
+	snprintf(m->info.compression_reason, sizeof(m->info.compression_reason), "%.127s", zwhy);
 	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
@@ -1085,8 +1137,12 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		xport_src_drain(m->src, FENCE_TIMEOUT_MS);
 		xport_src_stats(m->src, &after);
 		uint64_t now = agent_mono_ns();
-		if (after.bytes > before.bytes && now > t0)
-			sched_bw_add(&bw, now, after.bytes - before.bytes, now - t0);
+		/*
+		 * Raw bytes (what the wire would carry uncompressed): the rate at which page
+		 * data moves, the same unit as remaining_bytes, so compression counts as speed.
+		 */
+		if (after.raw_bytes > before.raw_bytes && now > t0)
+			sched_bw_add(&bw, now, after.raw_bytes - before.raw_bytes, now - t0);
 		m->bw_Bps = sched_bw_bytes_per_sec(&bw);
 		/* What is dirty now is what the next round (or the switch-over) must send. */
 		r = tracker_sync(t, &ss);
@@ -2039,9 +2095,16 @@ static void dest_job(struct migration *m)
 		    a->cfg.migration.transport != FERRY_CONFIG_TRANSPORT_TCP &&
 		    xctl_addrs(m->ctl, local_ip, peer_ip, sizeof(local_ip)) == 0 &&
 		    xport_rdma_usable(local_ip, why, sizeof(why));
-	struct proto_welcome w = {.version = PROTO_VERSION,
+	/* The highest common version (incoming_hello checked that the ranges meet). */
+	uint32_t version = m->hello.max_version < PROTO_VERSION ? m->hello.max_version
+								: PROTO_VERSION;
+	/* Compressed pages when offered on a v2 TCP migration: decompressing is cheap here. */
+	bool zstd = !rdma && version >= PROTO_ZSTD_MIN_VERSION &&
+		    (m->hello.caps & PROTO_CAP_ZSTD);
+	struct proto_welcome w = {.version = version,
 				  .caps = PROTO_CAP_TCP | (rdma ? PROTO_CAP_RDMA : 0) |
-					  (m->hello.caps & PROTO_CAP_VERIFY)};
+					  (m->hello.caps & PROTO_CAP_VERIFY) |
+					  (zstd ? PROTO_CAP_ZSTD : 0)};
 	snprintf(w.agent, sizeof(w.agent), "%s", a->cfg.name);
 	memcpy(w.token, m->token, sizeof(w.token));
 	r = proto_encode_welcome(&w, &buf, &len);
@@ -2081,6 +2144,8 @@ static void dest_job(struct migration *m)
 			acc.rdma_port = xport_dst_rdma_port(dst);
 	} else {
 		r = xport_dst_tcp_new(regions, o->nr_slots, m->hello.streams, &dst);
+		if (r == 0 && zstd)
+			r = xport_dst_enable_zstd(dst);
 	}
 	free(o);
 	pthread_mutex_lock(&a->lock);
@@ -2088,6 +2153,12 @@ static void dest_job(struct migration *m)
 	pthread_mutex_unlock(&a->lock);
 	pthread_mutex_lock(&m->lock);
 	snprintf(m->info.transport, sizeof(m->info.transport), "%s", rdma ? "rdma" : "tcp");
+	snprintf(m->info.compression, sizeof(m->info.compression), "%s", zstd ? "zstd" : "none");
+	snprintf(m->info.compression_reason, sizeof(m->info.compression_reason), "%s",
+		 zstd                                  ? "offered by the source"
+		 : rdma                                ? "RDMA writes pages straight into guest memory"
+		 : version < PROTO_ZSTD_MIN_VERSION    ? "the source speaks protocol 1"
+						       : "not offered by the source");
 	pthread_mutex_unlock(&m->lock);
 	if (r < 0) {
 		dest_refuse(m, PROTO_E_INTERNAL, "data path: %s%s%s", strerror(-r),
@@ -2420,6 +2491,7 @@ static struct migration *migration_alloc(struct agent *a, bool incoming)
 	m->info.state = MIG_SETUP; /* nothing queues yet (host admission is issue 4) */
 	m->info.started_unix_ms = agent_unix_ms();
 	snprintf(m->info.transport, sizeof(m->info.transport), "tcp");
+	snprintf(m->info.compression, sizeof(m->info.compression), "none");
 	return m;
 }
 
@@ -2466,6 +2538,7 @@ void migration_request_init(struct migration_request *req)
 {
 	memset(req, 0, sizeof(*req));
 	req->verify = -1;
+	req->compress = -1;
 	req->allow_postcopy = -1;
 	req->postcopy_after_rounds = -2;
 	req->timeout_action = -1;
@@ -2773,10 +2846,13 @@ static void incoming_hello(struct agent *a, int fd, const void *p, size_t len)
 	uint32_t code = 0;
 	if (r < 0) {
 		code = PROTO_E_PROTOCOL;
-	} else if (m->hello.min_version > PROTO_VERSION || m->hello.max_version < PROTO_VERSION) {
+	} else if (m->hello.min_version > PROTO_VERSION ||
+		   m->hello.max_version < PROTO_MIN_VERSION) {
 		code = PROTO_E_VERSION;
-		snprintf(err, sizeof(err), "no common protocol version (we speak %u, peer %u..%u)",
-			 PROTO_VERSION, m->hello.min_version, m->hello.max_version);
+		snprintf(err, sizeof(err),
+			 "no common protocol version (we speak %u..%u, peer %u..%u)",
+			 PROTO_MIN_VERSION, PROTO_VERSION, m->hello.min_version,
+			 m->hello.max_version);
 	} else if (getrandom(m->token, sizeof(m->token), 0) != (ssize_t)sizeof(m->token)) {
 		code = PROTO_E_INTERNAL;
 		snprintf(err, sizeof(err), "no randomness for the stream token");

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 /*
- * The agent-to-agent protocol codec, version 1 (proto.h; docs/protocol.md is the spec).
+ * The agent-to-agent protocol codec, versions 1 and 2 (proto.h; docs/protocol.md is the spec).
  * Every message has one encoder and one decoder over transport/wire.c, and one check
  * function that both share: the decoder runs it on what it read (and fails with -EBADMSG and
  * a reason), the encoder on what it was given (and fails with -EINVAL), so an agent can
@@ -21,6 +21,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <zstd.h>
 
 #include "transport/wire.h"
 
@@ -56,6 +58,7 @@ const char *proto_type_name(uint16_t type)
 	case PROTO_STREAM_HELLO: return "stream_hello";
 	case PROTO_PAGES: return "pages";
 	case PROTO_FENCE: return "fence";
+	case PROTO_PAGES_ZSTD: return "pages_zstd";
 	case PROTO_POSTCOPY_START: return "postcopy_start";
 	case PROTO_POSTCOPY_RUNNING: return "postcopy_running";
 	case PROTO_PAGE_REQ: return "page_req";
@@ -310,6 +313,9 @@ static int check_hello(const struct proto_hello *m, char *err, size_t errlen)
 	rc = check_caps(m->caps, "hello", err, errlen);
 	if (rc)
 		return rc;
+	if ((m->caps & PROTO_CAP_ZSTD) && m->max_version < PROTO_ZSTD_MIN_VERSION)
+		return fail(err, errlen, "hello: ZSTD offered with versions up to %" PRIu32
+			    " (it needs %u)", m->max_version, PROTO_ZSTD_MIN_VERSION);
 	if (m->page_size != PAGE_SIZE_V1)
 		return fail(err, errlen, "hello: page_size %" PRIu32 ", only %u is supported",
 			    m->page_size, PAGE_SIZE_V1);
@@ -365,13 +371,16 @@ int proto_decode_hello(const void *p, size_t len, struct proto_hello *m, char *e
 
 static int check_welcome(const struct proto_welcome *m, char *err, size_t errlen)
 {
-	/* The chosen version: the only one this codec speaks. */
-	if (m->version != PROTO_VERSION)
-		return fail(err, errlen, "welcome: version %" PRIu32 ", want %u", m->version,
-			    PROTO_VERSION);
+	/* The chosen version: one this codec speaks. */
+	if (m->version < PROTO_MIN_VERSION || m->version > PROTO_VERSION)
+		return fail(err, errlen, "welcome: version %" PRIu32 ", want %u..%u", m->version,
+			    PROTO_MIN_VERSION, PROTO_VERSION);
 	int rc = check_caps(m->caps, "welcome", err, errlen);
 	if (rc)
 		return rc;
+	if ((m->caps & PROTO_CAP_ZSTD) && m->version < PROTO_ZSTD_MIN_VERSION)
+		return fail(err, errlen, "welcome: ZSTD chosen with version %" PRIu32
+			    " (it needs %u)", m->version, PROTO_ZSTD_MIN_VERSION);
 	return check_name(m->agent, sizeof(m->agent), true, "welcome: agent", err, errlen);
 }
 
@@ -1091,4 +1100,62 @@ int proto_decode_pages_hdr(const void *p, size_t len, struct proto_pages *m,
 	if (ret_data_len)
 		*ret_data_len = data_len;
 	return (int)hdr_len;
+}
+
+/* ---------------- PAGES_ZSTD ---------------- */
+
+int proto_decode_pages_zstd(const void *p, size_t len, struct proto_pages *m,
+			    uint64_t *ret_data_len, const void **ret_z, size_t *ret_zlen,
+			    char *err, size_t errlen)
+{
+	struct proto_pages h;
+	uint64_t data_len = 0;
+	/* The header alone: what follows it is compressed, not data_len raw bytes. */
+	size_t pre = len < PROTO_PAGES_HDR_LEN(PROTO_PAGES_MAX) ? len
+								: PROTO_PAGES_HDR_LEN(PROTO_PAGES_MAX);
+	if (pre >= 16) {
+		uint32_t npages;
+		memcpy(&npages, (const uint8_t *)p + 12, 4);
+		npages = le32toh(npages);
+		if (npages >= 1 && npages <= PROTO_PAGES_MAX && pre > PROTO_PAGES_HDR_LEN(npages))
+			pre = PROTO_PAGES_HDR_LEN(npages);
+	}
+	int rc = proto_decode_pages_hdr(p, pre, &h, &data_len, err, errlen);
+	if (rc < 0)
+		return rc;
+	size_t hl = (size_t)rc;
+	if (hl != pre)
+		return fail(err, errlen, "pages_zstd: header truncated (%zu bytes)", len);
+	if (!data_len)
+		return fail(err, errlen, "pages_zstd: every page is zero, nothing to compress");
+	const uint8_t *z = (const uint8_t *)p + hl;
+	size_t zlen = len - hl;
+	if (!zlen || zlen >= data_len)
+		return fail(err, errlen,
+			    "pages_zstd: %zu compressed bytes for %" PRIu64
+			    " raw bytes (want 1..raw-1)",
+			    zlen, data_len);
+	unsigned long long fcs = ZSTD_getFrameContentSize(z, zlen);
+	if (fcs == ZSTD_CONTENTSIZE_ERROR)
+		return fail(err, errlen, "pages_zstd: not a zstd frame");
+	if (fcs == ZSTD_CONTENTSIZE_UNKNOWN)
+		return fail(err, errlen, "pages_zstd: zstd frame without a content size");
+	if (fcs != data_len)
+		return fail(err, errlen,
+			    "pages_zstd: zstd frame of %llu bytes, the header's pages are %" PRIu64,
+			    fcs, data_len);
+	size_t fsz = ZSTD_findFrameCompressedSize(z, zlen);
+	if (ZSTD_isError(fsz))
+		return fail(err, errlen, "pages_zstd: zstd frame: %s", ZSTD_getErrorName(fsz));
+	if (fsz != zlen)
+		return fail(err, errlen, "pages_zstd: zstd frame of %zu bytes, %zu bytes follow it",
+			    fsz, zlen - fsz);
+	memcpy(m, &h, sizeof(h));
+	if (ret_data_len)
+		*ret_data_len = data_len;
+	if (ret_z)
+		*ret_z = z;
+	if (ret_zlen)
+		*ret_zlen = zlen;
+	return (int)hl;
 }

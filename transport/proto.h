@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * The agent-to-agent protocol, version 1 (docs/protocol.md is its spec). Every message is a
+ * The agent-to-agent protocol, version 2 (docs/protocol.md is its spec); agents speak
+ * version 1 to peers that know nothing newer. Every message is a
  * frame: a 12-byte header (magic "FRY1", type u16, flags u16, payload length u32, all
  * little endian) and a payload encoded with transport/wire.h. Decoders check every length
  * and every field's range, so garbage from a peer is an error with a reason, never a
@@ -23,6 +24,8 @@
  * Data streams (struct xport_src/dst), source -> destination:
  *   STREAM_HELLO token, stream index
  *   PAGES        region, first page, count, zero mask, then the non-zero pages' bytes
+ *   PAGES_ZSTD   (v2, ZSTD chosen) the same header, then one zstd frame holding the
+ *                non-zero pages' bytes
  *   FENCE        fence number: everything before it on this stream has landed
  */
 #ifndef FERRY_PROTO_H
@@ -32,7 +35,9 @@
 #include <stdint.h>
 
 #define PROTO_MAGIC 0x31595246u /* "FRY1" */
-#define PROTO_VERSION 1u
+#define PROTO_VERSION 2u     /* the newest version this codec speaks */
+#define PROTO_MIN_VERSION 1u /* the oldest; v1 has no compressed pages */
+#define PROTO_ZSTD_MIN_VERSION 2u /* the first version with PAGES_ZSTD (PROTO_CAP_ZSTD) */
 #define PROTO_HDR_LEN 12u
 #define PROTO_MAX_PAYLOAD (64u << 20)   /* the largest frame anyone may send */
 #define PROTO_MAX_CTRL_PAYLOAD (16u << 20)
@@ -66,13 +71,14 @@ enum proto_type {
 	PROTO_STREAM_HELLO = 32,
 	PROTO_PAGES = 33,
 	PROTO_FENCE = 34,
+	PROTO_PAGES_ZSTD = 35, /* v2, ZSTD chosen: PAGES with zstd-compressed page bytes */
 };
 const char *proto_type_name(uint16_t type);
 
 /* Capability bits (HELLO offers, WELCOME chooses). */
 #define PROTO_CAP_TCP (1u << 0)
 #define PROTO_CAP_RDMA (1u << 1)
-#define PROTO_CAP_ZSTD (1u << 2)
+#define PROTO_CAP_ZSTD (1u << 2)   /* v2: PAGES_ZSTD frames on the data streams */
 #define PROTO_CAP_VERIFY (1u << 3)
 
 /* REFUSE / ABORT codes. */
@@ -295,5 +301,20 @@ int proto_decode_fence(const void *p, size_t len, struct proto_fence *m, char *e
 size_t proto_encode_pages_hdr(const struct proto_pages *m, uint8_t *out, size_t cap);
 int proto_decode_pages_hdr(const void *p, size_t len, struct proto_pages *m,
 			   uint64_t *ret_data_len, char *err, size_t errlen);
+/*
+ * PAGES_ZSTD (version 2): the PAGES header, then exactly one zstd frame whose content is
+ * the frame's non-zero pages, concatenated in page order. Takes the whole payload and
+ * checks, before anyone decompresses anything: the header as for PAGES; at least one
+ * non-zero page; the zstd frame is non-empty and shorter than the raw bytes it stands for
+ * (so a receiver's buffer for it is bounded by a raw frame), is one complete frame that
+ * ends exactly at the end of the payload, and declares a content size equal to the raw
+ * bytes. Returns the header length and, in *ret_data_len, the raw bytes (npages - zero
+ * pages) * 4096; *ret_z / *ret_zlen point at the zstd frame inside p. Decompressing it can
+ * still fail (corrupt blocks): the receiver decompresses into a buffer of exactly
+ * *ret_data_len bytes and requires that many out.
+ */
+int proto_decode_pages_zstd(const void *p, size_t len, struct proto_pages *m,
+			    uint64_t *ret_data_len, const void **ret_z, size_t *ret_zlen,
+			    char *err, size_t errlen);
 
 #endif

@@ -4,7 +4,10 @@
  * thread per stream ("send-sN"), each with its own socket and its own page reader (its own
  * io_uring): a batch is split over the streams, every stream reads its share with READ_FIXED
  * into registered buffers and sends each chunk as one PAGES frame straight from the buffer
- * (zero pages only as bits of the frame's mask), then a FENCE. The destination runs one
+ * (zero pages only as bits of the frame's mask), then a FENCE. With ZSTD chosen (protocol v2)
+ * a stream first tries to compress the chunk's non-zero pages with its own zstd context into
+ * a buffer of 7/8 of their size and sends a PAGES_ZSTD frame when they fit, the raw PAGES
+ * frame otherwise. The destination runs one
  * thread per stream ("recv-sN") that checks every frame against the registered regions and
  * receives page bytes directly into guest memory — or, in postcopy (xport_dst_set_uffd), places
  * them with UFFDIO_COPY/UFFDIO_ZEROPAGE, which install a page only where none is and wake
@@ -40,6 +43,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zstd.h>
 
 #include "transport/xport_internal.h"
 
@@ -85,6 +89,11 @@ struct src_stream {
 	/* Frame + PAGES header and iovecs of the chunk being sent: consume allocates nothing. */
 	uint8_t hdrbuf[PROTO_HDR_LEN + PAGES_HDR_MAX];
 	struct iovec iov[MAX_SPANS + 1];
+
+	/* ZSTD chosen: this stream's compression context and output (7/8 of a chunk). */
+	ZSTD_CCtx *cctx;
+	uint8_t *zbuf;
+	size_t zcap;
 };
 
 struct tcp_src {
@@ -123,7 +132,7 @@ struct tcp_src {
 
 	struct xport_bucket bucket; /* the bandwidth cap, shared by all streams */
 
-	_Atomic uint64_t bytes, pages, zero_pages, batches;
+	_Atomic uint64_t bytes, raw_bytes, pages, zero_pages, zstd_frames, batches;
 };
 
 static struct tcp_src *to_src(struct xport_src *x)
@@ -175,8 +184,44 @@ static int src_sendv(struct src_stream *s, struct iovec *iov, size_t cnt, int fl
 	return 0;
 }
 
-/* Takes `bytes` from the shared bucket and sleeps off any debt (abortable by a stop). */
-/* The page reader's consumer: one PAGES frame per chunk, sent from the registered buffer. */
+/*
+ * Compresses the data spans iov[1..cnt) (data bytes in all) into s->zbuf as one zstd frame
+ * with its content size. Returns the frame's length, or 0 when it would not be smaller than
+ * the buffer (7/8 of the data) or zstd failed: the caller then sends the pages raw.
+ */
+static size_t src_compress(struct src_stream *s, size_t cnt, uint64_t data)
+{
+	size_t cap = (size_t)(data - data / 8);
+	ZSTD_outBuffer out = { .dst = s->zbuf, .size = cap < s->zcap ? cap : s->zcap };
+	size_t r;
+
+	ZSTD_CCtx_reset(s->cctx, ZSTD_reset_session_only);
+	if (ZSTD_isError(ZSTD_CCtx_setPledgedSrcSize(s->cctx, data)))
+		return 0;
+	for (size_t k = 1; k < cnt; k++) {
+		ZSTD_inBuffer in = { .src = s->iov[k].iov_base, .size = s->iov[k].iov_len };
+		ZSTD_EndDirective op = k + 1 == cnt ? ZSTD_e_end : ZSTD_e_continue;
+		do {
+			r = ZSTD_compressStream2(s->cctx, &out, &in, op);
+			if (ZSTD_isError(r))
+				goto fail;
+			/* Output full with work left: it will not fit in 7/8. */
+			if (out.pos == out.size && (in.pos < in.size || (op == ZSTD_e_end && r)))
+				goto fail;
+		} while (in.pos < in.size || (op == ZSTD_e_end && r));
+	}
+	if (out.pos >= cap)
+		goto fail;
+	return out.pos;
+fail:
+	ZSTD_CCtx_reset(s->cctx, ZSTD_reset_session_only);
+	return 0;
+}
+
+/*
+ * The page reader's consumer: one PAGES frame per chunk, sent from the registered buffer —
+ * or, compressed, one PAGES_ZSTD frame from the stream's zstd buffer.
+ */
 static int src_consume(void *arg, const struct page_chunk *c)
 {
 	struct src_stream *s = arg;
@@ -184,7 +229,7 @@ static int src_consume(void *arg, const struct page_chunk *c)
 	struct proto_pages ph = { .region = c->region, .first_page = c->first_page,
 				  .npages = c->npages };
 	unsigned words = (c->npages + 63) / 64, nr_zero = 0;
-	size_t hl, cnt = 1;
+	size_t hl, cnt = 1, zlen = 0;
 	uint64_t data = 0;
 	int r;
 
@@ -213,11 +258,22 @@ static int src_consume(void *arg, const struct page_chunk *c)
 		cnt++;
 		i = j;
 	}
-	proto_hdr_encode(s->hdrbuf, PROTO_PAGES, (uint32_t)(hl + data));
+	uint64_t raw = PROTO_HDR_LEN + hl + data;
+	if (s->cctx && data)
+		zlen = src_compress(s, cnt, data);
+	if (zlen) {
+		proto_hdr_encode(s->hdrbuf, PROTO_PAGES_ZSTD, (uint32_t)(hl + zlen));
+		s->iov[1].iov_base = s->zbuf;
+		s->iov[1].iov_len = zlen;
+		cnt = 2;
+	} else {
+		proto_hdr_encode(s->hdrbuf, PROTO_PAGES, (uint32_t)(hl + data));
+	}
 	s->iov[0].iov_base = s->hdrbuf;
 	s->iov[0].iov_len = PROTO_HDR_LEN + hl;
 
-	uint64_t total = PROTO_HDR_LEN + hl + data;
+	/* The cap counts what the link carries: compressed bytes when compressed. */
+	uint64_t total = PROTO_HDR_LEN + hl + (zlen ? zlen : data);
 	r = xport_bucket_take(&x->bucket, total, x->stop_fd);
 	if (r < 0)
 		return r;
@@ -226,8 +282,11 @@ static int src_consume(void *arg, const struct page_chunk *c)
 	if (r < 0)
 		return r;
 	atomic_fetch_add_explicit(&x->bytes, total, memory_order_relaxed);
+	atomic_fetch_add_explicit(&x->raw_bytes, raw, memory_order_relaxed);
 	atomic_fetch_add_explicit(&x->pages, c->npages - nr_zero, memory_order_relaxed);
 	atomic_fetch_add_explicit(&x->zero_pages, nr_zero, memory_order_relaxed);
+	if (zlen)
+		atomic_fetch_add_explicit(&x->zstd_frames, 1, memory_order_relaxed);
 	return 0;
 }
 
@@ -261,8 +320,11 @@ static int src_stream_batch(struct src_stream *s)
 		return r;
 	r = src_send_frame(s, PROTO_FENCE, payload, len);
 	free(payload);
-	if (r >= 0)
+	if (r >= 0) {
 		atomic_fetch_add_explicit(&s->x->bytes, PROTO_HDR_LEN + len, memory_order_relaxed);
+		atomic_fetch_add_explicit(&s->x->raw_bytes, PROTO_HDR_LEN + len,
+					  memory_order_relaxed);
+	}
 	return r;
 }
 
@@ -391,8 +453,10 @@ static void src_stats(const struct xport_src *base, struct xport_src_stats *ret)
 	struct tcp_src *x = container_of(base, struct tcp_src, base);
 
 	ret->bytes = atomic_load_explicit(&x->bytes, memory_order_relaxed);
+	ret->raw_bytes = atomic_load_explicit(&x->raw_bytes, memory_order_relaxed);
 	ret->pages = atomic_load_explicit(&x->pages, memory_order_relaxed);
 	ret->zero_pages = atomic_load_explicit(&x->zero_pages, memory_order_relaxed);
+	ret->zstd_frames = atomic_load_explicit(&x->zstd_frames, memory_order_relaxed);
 	ret->batches = atomic_load_explicit(&x->batches, memory_order_relaxed);
 }
 
@@ -412,6 +476,8 @@ static void src_free(struct xport_src *base)
 			if (s->fd >= 0)
 				close(s->fd);
 			xport_runs_free(&s->runs);
+			ZSTD_freeCCtx(s->cctx);
+			free(s->zbuf);
 		}
 		free(x->streams);
 	}
@@ -484,6 +550,33 @@ static int src_start_threads(struct tcp_src *x, char *err, size_t errlen)
 	}
 	pthread_mutex_unlock(&x->lock);
 	return r;
+}
+
+/* A compression context per stream, and an output buffer of 7/8 of the largest chunk. */
+static int src_setup_zstd(struct tcp_src *x, int level, char *err, size_t errlen)
+{
+	struct pagereader_config eff;
+
+	if (level < 0 || level > XPORT_ZSTD_MAX_LEVEL) {
+		xport_set_err(err, errlen, "compression level %d, want 1..%d", level,
+			      XPORT_ZSTD_MAX_LEVEL);
+		return -EINVAL;
+	}
+	pagereader_get_config(x->streams[0].reader, &eff);
+	for (unsigned i = 0; i < x->nr_streams; i++) {
+		struct src_stream *s = &x->streams[i];
+		s->zcap = (size_t)eff.batch_pages * PAGE - (size_t)eff.batch_pages * PAGE / 8;
+		s->cctx = ZSTD_createCCtx();
+		s->zbuf = malloc(s->zcap);
+		if (!s->cctx || !s->zbuf ||
+		    ZSTD_isError(ZSTD_CCtx_setParameter(s->cctx, ZSTD_c_compressionLevel,
+						       level ? level : XPORT_ZSTD_DEFAULT_LEVEL)) ||
+		    ZSTD_isError(ZSTD_CCtx_setParameter(s->cctx, ZSTD_c_contentSizeFlag, 1))) {
+			xport_set_err(err, errlen, "stream %u: zstd context: out of memory", i);
+			return -ENOMEM;
+		}
+	}
+	return 0;
 }
 
 static int src_open_stream(struct src_stream *s, const char *hostport,
@@ -587,6 +680,11 @@ int xport_src_tcp_new(const struct xport_src_config *cfg, const char *hostport,
 								     : MIN_STRIPE_PAGES;
 	}
 	src_set_bandwidth(&x->base, cfg->bandwidth);
+	if (cfg->compress) {
+		r = src_setup_zstd(x, cfg->compress_level, err, errlen);
+		if (r < 0)
+			goto err_free;
+	}
 
 	for (unsigned i = 0; i < x->nr_streams; i++) {
 		r = src_open_stream(&x->streams[i], hostport, token, err, errlen);
@@ -633,6 +731,9 @@ struct dst_stream {
 	uint8_t *bounce;
 	uint8_t buf[PAGES_HDR_MAX];
 	unsigned char resident[PROTO_PAGES_MAX];
+	/* PAGES_ZSTD: the whole payload as received, and the decompression context (first use). */
+	uint8_t *zbuf;
+	ZSTD_DCtx *dctx;
 };
 
 struct dst_region {
@@ -671,7 +772,8 @@ struct tcp_dst {
 	unsigned running;
 
 	atomic_bool stopping; /* free is tearing down: no more writes, errors no longer count */
-	_Atomic uint64_t bytes, pages, zero_pages;
+	atomic_bool zstd;     /* PAGES_ZSTD accepted (xport_dst_enable_zstd) */
+	_Atomic uint64_t bytes, pages, zero_pages, zstd_frames;
 };
 
 static struct tcp_dst *to_dst(struct xport_dst *x)
@@ -859,22 +961,17 @@ static int dst_recv_bounce(struct dst_stream *s, uint64_t data_len, char *reason
 }
 
 /*
- * Postcopy: the frame's page data into the bounce buffer, then every span placed through
- * the region's userfaultfd — data spans copied, zero spans as zero pages — so a vCPU
- * blocked on one of them runs on, and a page the destination already has is not touched.
+ * Postcopy: every span of the frame placed through the region's userfaultfd from the
+ * bounce buffer (which holds the frame's page data) — data spans copied, zero spans as zero
+ * pages — so a vCPU blocked on one of them runs on, and a page the destination already has
+ * is not touched.
  */
-static int dst_recv_to_uffd(struct dst_stream *s, struct dst_region *rg, int uffd,
-			    const struct proto_pages *ph, uint64_t data_len, char *reason,
-			    size_t rlen)
+static int dst_place_uffd(struct dst_stream *s, struct dst_region *rg, int uffd,
+			  const struct proto_pages *ph, char *reason, size_t rlen)
 {
 	size_t at = 0;
 	int r;
 
-	if (data_len) {
-		r = dst_recv_bounce(s, data_len, reason, rlen);
-		if (r < 0)
-			return r;
-	}
 	for (uint32_t i = 0; i < ph->npages;) {
 		bool zero;
 		uint32_t j = span_end(ph, i, &zero);
@@ -898,21 +995,14 @@ static int dst_recv_to_uffd(struct dst_stream *s, struct dst_region *rg, int uff
 }
 
 /*
- * The frame's page data into the bounce buffer, then each span into the region's file at
- * its offset. The span is marked written before its pwrite, like the memory path.
+ * The frame's page data, in the bounce buffer, written span by span into the region's file
+ * at its offset. The span is marked written before its pwrite, like the memory path.
  */
-static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
-			    const struct proto_pages *ph, uint64_t data_len, char *reason,
-			    size_t rlen)
+static int dst_place_file(struct dst_stream *s, struct dst_region *rg,
+			  const struct proto_pages *ph, char *reason, size_t rlen)
 {
 	size_t at = 0;
-	int r;
 
-	if (!data_len)
-		return 0;
-	r = dst_recv_bounce(s, data_len, reason, rlen);
-	if (r < 0)
-		return r;
 	for (uint32_t i = 0, j; i < ph->npages; i = j) {
 		bool zero;
 		j = span_end(ph, i, &zero);
@@ -939,9 +1029,171 @@ static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
 	return 0;
 }
 
-static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t rlen)
+/* The frame's page data, in the bounce buffer, copied span by span into guest memory. */
+static void dst_place_memory(struct dst_stream *s, struct dst_region *rg,
+			     const struct proto_pages *ph)
+{
+	size_t at = 0;
+
+	for (uint32_t i = 0, j; i < ph->npages; i = j) {
+		bool zero;
+		j = span_end(ph, i, &zero);
+		if (zero)
+			continue;
+		size_t len = (size_t)(j - i) * PAGE;
+		uint8_t *dst = rg->hva + (ph->first_page + i) * PAGE;
+		if (mark_written(rg, ph->first_page + i, j - i))
+			madvise(dst, len, FERRY_MADV_POPULATE_WRITE);
+		memcpy(dst, s->bounce + at, len);
+		at += len;
+	}
+}
+
+/* Postcopy: the frame's page data into the bounce buffer, then placed (dst_place_uffd). */
+static int dst_recv_to_uffd(struct dst_stream *s, struct dst_region *rg, int uffd,
+			    const struct proto_pages *ph, uint64_t data_len, char *reason,
+			    size_t rlen)
+{
+	int r;
+
+	if (data_len) {
+		r = dst_recv_bounce(s, data_len, reason, rlen);
+		if (r < 0)
+			return r;
+	}
+	return dst_place_uffd(s, rg, uffd, ph, reason, rlen);
+}
+
+/* The frame's page data into the bounce buffer, then into the region's file. */
+static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
+			    const struct proto_pages *ph, uint64_t data_len, char *reason,
+			    size_t rlen)
+{
+	int r;
+
+	if (!data_len)
+		return 0;
+	r = dst_recv_bounce(s, data_len, reason, rlen);
+	if (r < 0)
+		return r;
+	return dst_place_file(s, rg, ph, reason, rlen);
+}
+
+/* The frame's pages inside a region of ours? Returns it, or NULL with a reason. */
+static struct dst_region *dst_frame_region(struct dst_stream *s, const struct proto_pages *ph,
+					   const char *what, char *reason, size_t rlen)
 {
 	struct tcp_dst *x = s->x;
+
+	if (ph->region >= x->nr_regions) {
+		snprintf(reason, rlen, "stream %u: %s for region %u but only %u regions", s->idx,
+			 what, ph->region, x->nr_regions);
+		return NULL;
+	}
+	struct dst_region *rg = &x->regions[ph->region];
+	if (ph->first_page > rg->pages || ph->npages > rg->pages - ph->first_page) {
+		snprintf(reason, rlen,
+			 "stream %u: %s %llu..%llu outside region %u (%llu pages)", s->idx, what,
+			 (unsigned long long)ph->first_page,
+			 (unsigned long long)(ph->first_page + ph->npages - 1), ph->region,
+			 (unsigned long long)rg->pages);
+		return NULL;
+	}
+	return rg;
+}
+
+/* After a frame's pages landed: zero markers (not in postcopy), statistics. */
+static void dst_frame_done(struct dst_stream *s, struct dst_region *rg, int uffd,
+			   const struct proto_pages *ph, uint64_t data_len, uint32_t len)
+{
+	struct tcp_dst *x = s->x;
+	uint32_t nr_data = (uint32_t)(data_len / PAGE);
+
+	if (nr_data < ph->npages && uffd < 0)
+		dst_zero_pages(s, rg, ph);
+	atomic_fetch_add_explicit(&x->bytes, PROTO_HDR_LEN + (uint64_t)len, memory_order_relaxed);
+	atomic_fetch_add_explicit(&x->pages, nr_data, memory_order_relaxed);
+	atomic_fetch_add_explicit(&x->zero_pages, ph->npages - nr_data, memory_order_relaxed);
+}
+
+/*
+ * A PAGES_ZSTD frame: the whole payload into the stream's buffer (bounded by a raw frame:
+ * the compressed bytes must be fewer than the raw ones), checked by the codec (header,
+ * one zstd frame declaring exactly the raw size), decompressed into the bounce buffer —
+ * which must yield exactly that many bytes — and only then placed like a raw frame. So a
+ * frame that fails any check writes nothing.
+ */
+static int dst_on_pages_zstd(struct dst_stream *s, uint32_t len, char *reason, size_t rlen)
+{
+	struct tcp_dst *x = s->x;
+	struct proto_pages ph;
+	uint64_t data_len;
+	const void *z;
+	size_t zlen;
+	char derr[160] = "";
+	int r;
+
+	if (!atomic_load_explicit(&x->zstd, memory_order_relaxed)) {
+		snprintf(reason, rlen, "stream %u: PAGES_ZSTD frame, but ZSTD was not chosen",
+			 s->idx);
+		return -EPROTO;
+	}
+	if (len < PROTO_PAGES_HDR_LEN(1) + 1 || len >= PAGES_HDR_MAX + PROTO_PAGES_MAX * PAGE) {
+		snprintf(reason, rlen, "stream %u: PAGES_ZSTD frame of %u bytes", s->idx, len);
+		return -EPROTO;
+	}
+	if (!s->zbuf)
+		s->zbuf = malloc((size_t)PAGES_HDR_MAX + PROTO_PAGES_MAX * PAGE);
+	if (!s->dctx)
+		s->dctx = ZSTD_createDCtx();
+	if (!s->bounce)
+		s->bounce = aligned_alloc(PAGE, (size_t)PROTO_PAGES_MAX * PAGE);
+	if (!s->zbuf || !s->dctx || !s->bounce) {
+		snprintf(reason, rlen, "stream %u: out of memory", s->idx);
+		return -ENOMEM;
+	}
+	r = dst_recv_exact(s, s->zbuf, len, false, reason, rlen);
+	if (r < 0)
+		return r;
+	if (proto_decode_pages_zstd(s->zbuf, len, &ph, &data_len, &z, &zlen, derr,
+				    sizeof(derr)) < 0) {
+		snprintf(reason, rlen, "stream %u: bad PAGES_ZSTD: %.160s", s->idx, derr);
+		return -EPROTO;
+	}
+	struct dst_region *rg = dst_frame_region(s, &ph, "PAGES_ZSTD", reason, rlen);
+	if (!rg)
+		return -EPROTO;
+	size_t n = ZSTD_decompressDCtx(s->dctx, s->bounce, (size_t)data_len, z, zlen);
+	if (ZSTD_isError(n) || n != data_len) {
+		snprintf(reason, rlen,
+			 "stream %u: PAGES_ZSTD pages %llu..%llu of region %u: %s (%zu of %llu "
+			 "bytes)",
+			 s->idx, (unsigned long long)ph.first_page,
+			 (unsigned long long)(ph.first_page + ph.npages - 1), ph.region,
+			 ZSTD_isError(n) ? ZSTD_getErrorName(n) : "short decompression",
+			 ZSTD_isError(n) ? (size_t)0 : n, (unsigned long long)data_len);
+		return -EPROTO;
+	}
+	if (atomic_load_explicit(&x->stopping, memory_order_relaxed)) {
+		snprintf(reason, rlen, "stream %u: stopped", s->idx);
+		return -ECONNRESET;
+	}
+	int uffd = atomic_load_explicit(&rg->uffd, memory_order_acquire);
+	if (uffd >= 0)
+		r = dst_place_uffd(s, rg, uffd, &ph, reason, rlen);
+	else if (rg->fd >= 0)
+		r = dst_place_file(s, rg, &ph, reason, rlen);
+	else
+		dst_place_memory(s, rg, &ph);
+	if (r < 0)
+		return r;
+	dst_frame_done(s, rg, uffd, &ph, data_len, len);
+	atomic_fetch_add_explicit(&x->zstd_frames, 1, memory_order_relaxed);
+	return 0;
+}
+
+static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t rlen)
+{
 	struct proto_pages ph;
 	uint64_t data_len;
 	char derr[128] = "";
@@ -971,20 +1223,9 @@ static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t
 			 s->idx, len, ph.npages, (unsigned long long)data_len);
 		return -EPROTO;
 	}
-	if (ph.region >= x->nr_regions) {
-		snprintf(reason, rlen, "stream %u: PAGES for region %u but only %u regions", s->idx,
-			 ph.region, x->nr_regions);
+	struct dst_region *rg = dst_frame_region(s, &ph, "PAGES", reason, rlen);
+	if (!rg)
 		return -EPROTO;
-	}
-	struct dst_region *rg = &x->regions[ph.region];
-	if (ph.first_page > rg->pages || ph.npages > rg->pages - ph.first_page) {
-		snprintf(reason, rlen,
-			 "stream %u: PAGES %llu..%llu outside region %u (%llu pages)", s->idx,
-			 (unsigned long long)ph.first_page,
-			 (unsigned long long)(ph.first_page + ph.npages - 1), ph.region,
-			 (unsigned long long)rg->pages);
-		return -EPROTO;
-	}
 
 	int uffd = atomic_load_explicit(&rg->uffd, memory_order_acquire);
 	if (uffd >= 0)
@@ -995,12 +1236,7 @@ static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t
 		r = dst_recv_to_memory(s, rg, &ph, reason, rlen);
 	if (r < 0)
 		return r;
-	uint32_t nr_data = (uint32_t)(data_len / PAGE);
-	if (nr_data < ph.npages && uffd < 0)
-		dst_zero_pages(s, rg, &ph);
-	atomic_fetch_add_explicit(&x->bytes, PROTO_HDR_LEN + (uint64_t)len, memory_order_relaxed);
-	atomic_fetch_add_explicit(&x->pages, nr_data, memory_order_relaxed);
-	atomic_fetch_add_explicit(&x->zero_pages, ph.npages - nr_data, memory_order_relaxed);
+	dst_frame_done(s, rg, uffd, &ph, data_len, len);
 	return 0;
 }
 
@@ -1059,6 +1295,9 @@ static int dst_stream_loop(struct dst_stream *s, char *reason, size_t rlen)
 		switch (h.type) {
 		case PROTO_PAGES:
 			r = dst_on_pages(s, h.len, reason, rlen);
+			break;
+		case PROTO_PAGES_ZSTD:
+			r = dst_on_pages_zstd(s, h.len, reason, rlen);
 			break;
 		case PROTO_FENCE:
 			r = dst_on_fence(s, h.len, reason, rlen);
@@ -1221,6 +1460,7 @@ static void dst_stats(const struct xport_dst *base, struct xport_dst_stats *ret)
 	ret->bytes = atomic_load_explicit(&x->bytes, memory_order_relaxed);
 	ret->pages = atomic_load_explicit(&x->pages, memory_order_relaxed);
 	ret->zero_pages = atomic_load_explicit(&x->zero_pages, memory_order_relaxed);
+	ret->zstd_frames = atomic_load_explicit(&x->zstd_frames, memory_order_relaxed);
 	pthread_mutex_lock(&x->lock);
 	ret->streams = x->running;
 	pthread_mutex_unlock(&x->lock);
@@ -1244,6 +1484,8 @@ static void dst_free(struct xport_dst *base)
 			if (s->fd >= 0)
 				close(s->fd);
 			free(s->bounce);
+			free(s->zbuf);
+			ZSTD_freeDCtx(s->dctx);
 		}
 		free(x->streams);
 	}
@@ -1362,5 +1604,16 @@ int xport_dst_set_uffd(struct xport_dst *base, unsigned region, int uffd)
 		close(fd);
 		return -EALREADY;
 	}
+	return 0;
+}
+
+/* Defined here like xport_dst_set_uffd: only the TCP receivers decompress. */
+int xport_dst_enable_zstd(struct xport_dst *base)
+{
+	if (!base)
+		return -EINVAL;
+	if (base->ops != &tcp_dst_ops)
+		return -EOPNOTSUPP;
+	atomic_store(&to_dst(base)->zstd, true);
 	return 0;
 }

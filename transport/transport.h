@@ -12,8 +12,9 @@
  *                    (proto.h) in both directions, with timeouts.
  *   struct xport_src the source's data path: N parallel streams, each with its own page
  *                    reader (io_uring READ_FIXED from the guest memfds into registered
- *                    buffers, pagereader.h), sending page runs (zero pages as markers) and
- *                    closing each batch with a FENCE on every stream.
+ *                    buffers, pagereader.h), sending page runs (zero pages as markers,
+ *                    the other pages raw or — TCP with ZSTD chosen — as one zstd frame per
+ *                    chunk) and closing each batch with a FENCE on every stream.
  *   struct xport_dst the destination's data path: guest memory registered as regions,
  *                    stream receivers that write pages straight into them (refusing any
  *                    write outside a region), and per-stream fence tracking so the control
@@ -77,12 +78,26 @@ struct xport_src_config {
 	unsigned streams;            /* 1..XPORT_MAX_STREAMS */
 	uint64_t bandwidth;          /* bytes/s over all streams, 0 = unlimited */
 	struct pagereader_config reader; /* per stream */
+	/*
+	 * TCP only, and only when the destination chose PROTO_CAP_ZSTD (protocol v2): each
+	 * chunk's non-zero pages go as one zstd frame (PAGES_ZSTD) with a compression context
+	 * per stream, at compress_level (0 = XPORT_ZSTD_DEFAULT_LEVEL). A chunk that does not
+	 * shrink below 7/8 of its raw size goes raw (PAGES), so incompressible memory costs
+	 * one failed attempt, never more bytes on the wire. The RDMA source ignores it.
+	 */
+	bool compress;
+	int compress_level;          /* 1..XPORT_ZSTD_MAX_LEVEL, 0 = default */
 };
+#define XPORT_ZSTD_DEFAULT_LEVEL 1 /* fast: the link is shared with a CPU that has work too */
+#define XPORT_ZSTD_MAX_LEVEL 19
 
 struct xport_src_stats {
-	uint64_t bytes;       /* bytes put on the wire (frames included) */
+	uint64_t bytes;       /* bytes put on the wire (frames included; compressed as sent) */
+	uint64_t raw_bytes;   /* what the same frames would have been without compression
+			       * (== bytes when nothing was compressed) */
 	uint64_t pages;       /* pages sent with data */
 	uint64_t zero_pages;  /* pages sent as zero markers */
+	uint64_t zstd_frames; /* PAGES_ZSTD frames sent (chunks that compressed well enough) */
 	uint64_t batches;     /* xport_src_send calls completed */
 };
 
@@ -135,9 +150,10 @@ struct xport_region {
 };
 
 struct xport_dst_stats {
-	uint64_t bytes;
+	uint64_t bytes;       /* bytes received, frames included (compressed as received) */
 	uint64_t pages;
 	uint64_t zero_pages;
+	uint64_t zstd_frames; /* PAGES_ZSTD frames received */
 	unsigned streams;     /* receivers running */
 };
 
@@ -150,6 +166,15 @@ int xport_dst_tcp_new(const struct xport_region *regions, unsigned nr_regions,
  * agent) to a new receiver thread. Taken over: closed by xport_dst_free.
  */
 int xport_dst_add_stream(struct xport_dst *x, int fd, unsigned stream_index);
+/*
+ * Accept PAGES_ZSTD frames (the WELCOME chose PROTO_CAP_ZSTD): each receiver gets a zstd
+ * decompression context and decompresses a frame's page bytes into its bounce buffer —
+ * exactly the raw size the frame's header announces, or the stream fails with a reason —
+ * then places them as it places raw pages (memory, memfd pwrite or userfaultfd). Without
+ * it a PAGES_ZSTD frame is a protocol error. Call before the first xport_dst_add_stream.
+ * -EOPNOTSUPP on an RDMA destination (its NIC writes, nothing to decompress).
+ */
+int xport_dst_enable_zstd(struct xport_dst *x);
 /*
  * Waits until every expected stream has passed fence `fence` (all their writes landed).
  * Fence 0 comes before every batch (sources number batches from 1): passed at once, even

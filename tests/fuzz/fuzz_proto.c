@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <zstd.h>
 
 #include "transport/proto.h"
 
@@ -159,6 +160,47 @@ static void fuzz_pages(const uint8_t *p, size_t n)
 	CHECK(memcmp(&a, &b, sizeof(a)) == 0 && dl == dl2);
 }
 
+/*
+ * PAGES_ZSTD: the codec's checks, then what a receiver does with a frame that passed them —
+ * decompress into a buffer of exactly the announced raw size — must either fail or yield
+ * exactly that many bytes, never more.
+ */
+static void fuzz_pages_zstd(const uint8_t *p, size_t n)
+{
+	static uint8_t raw[PROTO_PAGES_MAX * 4096 + 64];
+	static ZSTD_DCtx *dctx;
+	struct proto_pages a, b;
+	uint8_t out[PROTO_PAGES_HDR_LEN(PROTO_PAGES_MAX)];
+	char err[256] = "";
+	uint64_t dl = 0, dl2 = 0;
+	const void *z = NULL;
+	size_t zl = 0;
+
+	memset(&a, POISON, sizeof(a));
+	int rc = proto_decode_pages_zstd(p, n, &a, &dl, &z, &zl, err, sizeof(err));
+	if (rc < 0) {
+		CHECK(rc == -EBADMSG && err[0]);
+		CHECK(is_poisoned(&a, sizeof(a)));
+		return;
+	}
+	size_t hl = (size_t)rc;
+	CHECK(hl == PROTO_PAGES_HDR_LEN(a.npages) && hl < n);
+	CHECK(z == p + hl && zl == n - hl && zl >= 1 && zl < dl);
+	CHECK(dl >= 4096 && dl % 4096 == 0 && dl <= (uint64_t)a.npages * 4096);
+	CHECK(proto_encode_pages_hdr(&a, out, sizeof(out)) == hl && memcmp(out, p, hl) == 0);
+	CHECK(proto_decode_pages_hdr(out, hl, &b, &dl2, NULL, 0) == (int)hl);
+	CHECK(memcmp(&a, &b, sizeof(a)) == 0 && dl == dl2);
+	if (!dctx)
+		dctx = ZSTD_createDCtx();
+	CHECK(dctx);
+	/* A canary past the bound: the decompressor must not write beyond dl. */
+	memset(raw + dl, 0x5a, 64);
+	size_t got = ZSTD_decompressDCtx(dctx, raw, (size_t)dl, z, zl);
+	CHECK(ZSTD_isError(got) || got == dl);
+	for (unsigned i = 0; i < 64; i++)
+		CHECK(raw[dl + i] == 0x5a);
+}
+
 static void fuzz_hdr(const uint8_t *p, size_t n)
 {
 	struct proto_hdr h, h2;
@@ -200,6 +242,7 @@ static void fuzz_payload(const uint8_t *p, size_t n)
 	fuzz_stream_hello(p, n);
 	fuzz_fence(p, n);
 	fuzz_pages(p, n);
+	fuzz_pages_zstd(p, n);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -495,6 +538,17 @@ static int write_corpus(const char *dir)
 		frame[hl + i] = (uint8_t)(i * 7);
 	r |= write_frame(dir, "pages.bin", PROTO_PAGES, frame, hl + 4096);
 	free(frame);
+
+	/* PAGES_ZSTD: 3 pages, the middle one zero, two compressible data pages. */
+	struct proto_pages pz = {.region = 0, .first_page = 40, .npages = 3, .zero_mask = {2}};
+	uint8_t raw[2 * 4096], zf[PROTO_PAGES_HDR_LEN(3) + 2 * 4096];
+	for (unsigned i = 0; i < sizeof(raw); i++)
+		raw[i] = (uint8_t)(i / 100);
+	hl = proto_encode_pages_hdr(&pz, zf, sizeof(zf));
+	CHECK(hl == PROTO_PAGES_HDR_LEN(3));
+	size_t zn = ZSTD_compress(zf + hl, sizeof(zf) - hl, raw, sizeof(raw), 1);
+	CHECK(!ZSTD_isError(zn));
+	r |= write_frame(dir, "pages_zstd.bin", PROTO_PAGES_ZSTD, zf, hl + zn);
 
 	return r ? -EIO : 0;
 }

@@ -425,6 +425,8 @@ expect "postcopy_after_rounds out of range" 400 invalid_argument POST /v1/migrat
   '{"vm":"web1","to":"127.0.0.1:9","postcopy_after_rounds":-2,"allow_postcopy":true}'
 expect "postcopy_after_rounds not a number" 400 invalid_argument POST /v1/migrations \
   '{"vm":"web1","to":"127.0.0.1:9","postcopy_after_rounds":"soon","allow_postcopy":true}'
+expect "migration with a bad compress" 400 invalid_argument POST /v1/migrations \
+  '{"vm":"web1","to":"127.0.0.1:9","compress":"fast"}'
 expect "duplicate VM" 409 already_exists POST /v1/vms \
   '{"name":"web1","memory":"64M","guest":"dirtier"}'
 head -c 1048576 /dev/zero >"$tmp/big"

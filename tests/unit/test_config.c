@@ -40,6 +40,8 @@ static const char full_yaml[] =
 	"  verify: true\n"
 	"  queue_depth: 128\n"
 	"  batch_pages: 512\n"
+	"  compress: \"on\"\n"
+	"  compress_level: 3\n"
 	"limits: {max_outgoing: 3, max_incoming: 0, max_vms: 100, max_memory: 512G}\n"
 	"tls:\n"
 	"  cert: /etc/ferry/cert.pem\n"
@@ -60,6 +62,8 @@ static const char *const all_keys[] = {
 	"migration.verify",
 	"migration.queue_depth",
 	"migration.batch_pages",
+	"migration.compress",
+	"migration.compress_level",
 	"limits.max_outgoing",
 	"limits.max_incoming",
 	"limits.max_vms",
@@ -86,6 +90,8 @@ static void check_full(const struct ferry_config *c)
 	assert_true(c->migration.verify);
 	assert_int_equal(c->migration.queue_depth, 128);
 	assert_int_equal(c->migration.batch_pages, 512);
+	assert_int_equal(c->migration.compress, FERRY_CONFIG_COMPRESS_ON);
+	assert_int_equal(c->migration.compress_level, 3);
 	assert_int_equal(c->limits.max_outgoing, 3);
 	assert_int_equal(c->limits.max_incoming, 0);
 	assert_int_equal(c->limits.max_vms, 100);
@@ -111,6 +117,8 @@ static bool config_equal(const struct ferry_config *a, const struct ferry_config
 	       a->migration.verify == b->migration.verify &&
 	       a->migration.queue_depth == b->migration.queue_depth &&
 	       a->migration.batch_pages == b->migration.batch_pages &&
+	       a->migration.compress == b->migration.compress &&
+	       a->migration.compress_level == b->migration.compress_level &&
 	       a->limits.max_outgoing == b->limits.max_outgoing &&
 	       a->limits.max_incoming == b->limits.max_incoming &&
 	       a->limits.max_vms == b->limits.max_vms &&
@@ -166,6 +174,8 @@ static void defaults(void **state)
 	assert_false(c.migration.verify);
 	assert_int_equal(c.migration.queue_depth, 16);
 	assert_int_equal(c.migration.batch_pages, 256);
+	assert_int_equal(c.migration.compress, FERRY_CONFIG_COMPRESS_AUTO);
+	assert_int_equal(c.migration.compress_level, 1);
 	assert_int_equal(c.limits.max_outgoing, 2);
 	assert_int_equal(c.limits.max_incoming, 2);
 	assert_int_equal(c.limits.max_vms, 64);
@@ -179,6 +189,8 @@ static void defaults(void **state)
 	assert_string_equal(ferry_config_log_level_name(FERRY_CONFIG_LOG_WARN), "warn");
 	assert_string_equal(ferry_config_transport_name(FERRY_CONFIG_TRANSPORT_TCP), "tcp");
 	assert_string_equal(ferry_config_transport_name((enum ferry_config_transport)7), "?");
+	assert_string_equal(ferry_config_compress_name(FERRY_CONFIG_COMPRESS_AUTO), "auto");
+	assert_string_equal(ferry_config_compress_name((enum ferry_config_compress)9), "?");
 }
 
 static void every_key_read_back(void **state)
@@ -270,7 +282,7 @@ static const struct bad bad_cases[] = {
 	{"migration:\n  bandwith: 1G\n", "2:3",
 	 "unknown key 'bandwith' in 'migration'; did you mean 'bandwidth'? (known: listen, "
 	 "downtime_ms, bandwidth, streams, transport, verify, queue_depth, batch_pages, "
-	 "warm_buffers)"},
+	 "warm_buffers, compress, compress_level)"},
 	{"foo: 1\n", "1:1", "unknown key 'foo' at the top level (known: name, log_level, state_dir, control"},
 	{"Migration:\n  streams: 2\n", "1:1", "did you mean 'migration'?"},
 	{"tls:\n  crt: /a\n", "2:3", "unknown key 'crt' in 'tls'; did you mean 'cert'?"},
@@ -324,6 +336,8 @@ static const struct bad bad_cases[] = {
 	/* booleans and enums */
 	{"migration:\n  verify: maybe\n", "2:11", "'maybe' is not a boolean (true or false)"},
 	{"migration:\n  verify: 1\n", "2:11", "is not a boolean"},
+	{"migration:\n  compress: lz4\n", "2:13", "'lz4' is not one of off, on, auto"},
+	{"migration:\n  compress_level: 20\n", "2:19", "compress_level"},
 	{"migration:\n  transport: udp\n", "2:14", "'udp' is not one of auto, tcp, rdma"},
 	{"migration:\n  transport: TCP\n", "2:14", "'TCP' is not one of auto, tcp, rdma"},
 	{"log_level: verbose\n", "1:12",
@@ -757,6 +771,8 @@ static void set_every_key(void **state)
 		"true",
 		"128",
 		"512",
+		"on",
+		"3",
 		"3",
 		"0",
 		"100",

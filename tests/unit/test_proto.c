@@ -18,6 +18,7 @@
 
 /* cmocka needs the headers above first. */
 #include <cmocka.h>
+#include <zstd.h>
 
 #include "transport/proto.h"
 #include "transport/wire.h"
@@ -181,7 +182,8 @@ static void test_names(void **state)
 	assert_string_equal(proto_type_name(0), "unknown");
 	assert_string_equal(proto_type_name(PROTO_PAGE_REQ), "page_req");
 	assert_string_equal(proto_type_name(18), "unknown");
-	assert_string_equal(proto_type_name(35), "unknown");
+	assert_string_equal(proto_type_name(35), "pages_zstd");
+	assert_string_equal(proto_type_name(36), "unknown");
 	assert_string_equal(proto_type_name(0xffff), "unknown");
 
 	assert_string_equal(proto_code_name(PROTO_E_VERSION), "version");
@@ -331,6 +333,13 @@ static void test_hello_rules(void **state)
 	assert_int_equal(proto_decode_hello(ok, len, &m, NULL, 0), 0);
 	free(ok);
 
+	/* ZSTD is a version-2 capability: offered only with a range that reaches 2. */
+	ok = raw_hello(1, 2, "src", 3, PROTO_CAP_TCP | PROTO_CAP_ZSTD, 4096, 4, &len);
+	assert_int_equal(proto_decode_hello(ok, len, &m, NULL, 0), 0);
+	assert_int_equal(m.caps, PROTO_CAP_TCP | PROTO_CAP_ZSTD);
+	free(ok);
+	BAD_HELLO("ZSTD offered with versions up to 1", 1, 1, "src", 3,
+		  PROTO_CAP_TCP | PROTO_CAP_ZSTD, 4096, 1);
 	BAD_HELLO("version range", 2, 1, "src", 3, 1, 4096, 1);
 	BAD_HELLO("version range", 0, 1, "src", 3, 1, 4096, 1);
 	BAD_HELLO("empty", 1, 1, "", 0, 1, 4096, 1);
@@ -378,20 +387,34 @@ static void test_welcome(void **state)
 	assert_memory_equal(d.token, wm.token, PROTO_TOKEN_LEN);
 	free(buf);
 
-	wm.version = 2;
+	wm.version = 3;
 	assert_int_equal(proto_encode_welcome(&wm, &buf, &len), -EINVAL);
+	wm.version = 0;
+	assert_int_equal(proto_encode_welcome(&wm, &buf, &len), -EINVAL);
+	/* Version 2 may choose ZSTD, version 1 may not. */
+	wm.version = 2;
+	wm.caps = PROTO_CAP_TCP | PROTO_CAP_ZSTD;
+	assert_int_equal(proto_encode_welcome(&wm, &buf, &len), 0);
+	assert_int_equal(proto_decode_welcome(buf, len, &d, NULL, 0), 0);
+	assert_int_equal(d.version, 2);
+	assert_int_equal(d.caps, PROTO_CAP_TCP | PROTO_CAP_ZSTD);
+	((uint8_t *)buf)[0] = 1;
+	EXPECT_BAD(proto_decode_welcome(buf, len, &d, err, sizeof(err)), d,
+		   "ZSTD chosen with version 1");
+	free(buf);
 	wm.version = 1;
+	assert_int_equal(proto_encode_welcome(&wm, &buf, &len), -EINVAL);
 	wm.caps = 0x10;
 	assert_int_equal(proto_encode_welcome(&wm, &buf, &len), -EINVAL);
 
 	struct wire_writer w;
 	wire_writer_init(&w);
-	wire_put_u32(&w, 2);
+	wire_put_u32(&w, 3);
 	wire_put_u32(&w, 1);
 	put_str(&w, "b", 1);
 	wire_put_bytes(&w, wm.token, PROTO_TOKEN_LEN);
 	buf = take(&w, &len);
-	EXPECT_BAD(proto_decode_welcome(buf, len, &d, err, sizeof(err)), d, "version 2");
+	EXPECT_BAD(proto_decode_welcome(buf, len, &d, err, sizeof(err)), d, "version 3");
 	((uint8_t *)buf)[0] = 1;
 	((uint8_t *)buf)[4] = 0x31; /* TCP | unknown bits */
 	EXPECT_BAD(proto_decode_welcome(buf, len, &d, err, sizeof(err)), d, "capability");
@@ -1084,6 +1107,105 @@ static void test_encoders_refuse(void **state)
 	assert_int_equal(n, 77);
 }
 
+/* ---------------- PAGES_ZSTD ---------------- */
+
+/* Incompressible bytes: splitmix64's finaliser of the index. */
+static uint8_t tio_like_rand(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return (uint8_t)(x ^ (x >> 31));
+}
+
+/* A PAGES_ZSTD payload: header for npages (zero_mask), then zstd of `raw` (raw_len bytes). */
+static size_t zstd_payload(uint8_t *out, size_t cap, uint32_t npages, uint64_t zero_mask,
+			   const void *raw, size_t raw_len)
+{
+	struct proto_pages ph = {.region = 0, .first_page = 8, .npages = npages,
+				 .zero_mask = {zero_mask}};
+	size_t hl = proto_encode_pages_hdr(&ph, out, cap);
+	assert_true(hl > 0);
+	size_t z = ZSTD_compress(out + hl, cap - hl, raw, raw_len, 1);
+	assert_false(ZSTD_isError(z));
+	return hl + z;
+}
+
+static void test_pages_zstd(void **state)
+{
+	(void)state;
+	static uint8_t raw[4 * 4096], buf[8 * 4096], tmp[8 * 4096];
+	struct proto_pages m;
+	uint64_t dl = 0;
+	const void *z = NULL;
+	size_t zl = 0, n;
+
+	assert_string_equal(proto_type_name(PROTO_PAGES_ZSTD), "pages_zstd");
+	for (size_t i = 0; i < sizeof(raw); i++)
+		raw[i] = (uint8_t)(i / 512);
+	/* 4 pages, page 1 zero: three pages of data. */
+	n = zstd_payload(buf, sizeof(buf), 4, 0x2, raw, 3 * 4096);
+	assert_int_equal(proto_decode_pages_zstd(buf, n, &m, &dl, &z, &zl, NULL, 0),
+			 PROTO_PAGES_HDR_LEN(4));
+	assert_int_equal(dl, 3 * 4096);
+	assert_ptr_equal(z, buf + PROTO_PAGES_HDR_LEN(4));
+	assert_int_equal(zl, n - PROTO_PAGES_HDR_LEN(4));
+	assert_int_equal(m.npages, 4);
+	assert_int_equal(m.first_page, 8);
+
+	/* Content size one page short of the header's pages (and one page long). */
+	n = zstd_payload(buf, sizeof(buf), 4, 0x2, raw, 2 * 4096);
+	EXPECT_BAD(proto_decode_pages_zstd(buf, n, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "the header's pages are 12288");
+	n = zstd_payload(buf, sizeof(buf), 4, 0x2, raw, 4 * 4096);
+	EXPECT_BAD(proto_decode_pages_zstd(buf, n, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "zstd frame of 16384 bytes");
+	/* Trailing bytes after the frame; a second frame after it. */
+	n = zstd_payload(buf, sizeof(buf), 4, 0x2, raw, 3 * 4096);
+	buf[n] = 0;
+	EXPECT_BAD(proto_decode_pages_zstd(buf, n + 1, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "follow it");
+	size_t hl = PROTO_PAGES_HDR_LEN(4), one = n - hl;
+	memcpy(buf + n, buf + hl, one);
+	EXPECT_BAD(proto_decode_pages_zstd(buf, n + one, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "follow it");
+	/* Cut short. */
+	EXPECT_BAD(proto_decode_pages_zstd(buf, n - 1, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "pages_zstd");
+	/* Not zstd at all; nothing after the header; every page zero. */
+	memset(buf + hl, 0x42, 64);
+	EXPECT_BAD(proto_decode_pages_zstd(buf, hl + 64, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "not a zstd frame");
+	EXPECT_BAD(proto_decode_pages_zstd(buf, hl, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "compressed bytes");
+	n = zstd_payload(buf, sizeof(buf), 4, 0xf, raw, 0);
+	EXPECT_BAD(proto_decode_pages_zstd(buf, n, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "every page is zero");
+	/* A zstd frame that does not shrink the data is refused (receivers bound it by that). */
+	for (size_t i = 0; i < sizeof(raw); i++)
+		raw[i] = (uint8_t)(tio_like_rand(i));
+	n = zstd_payload(buf, sizeof(buf), 1, 0, raw, 4096);
+	EXPECT_BAD(proto_decode_pages_zstd(buf, n, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "want 1..raw-1");
+	/* Without a content size in the frame header. */
+	ZSTD_CCtx *cc = ZSTD_createCCtx();
+	ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 0);
+	for (size_t i = 0; i < sizeof(raw); i++)
+		raw[i] = 7;
+	struct proto_pages ph = {.region = 0, .first_page = 0, .npages = 1};
+	hl = proto_encode_pages_hdr(&ph, tmp, sizeof(tmp));
+	ZSTD_outBuffer o = {.dst = tmp + hl, .size = sizeof(tmp) - hl};
+	ZSTD_inBuffer in = {.src = raw, .size = 4096};
+	assert_int_equal(ZSTD_compressStream2(cc, &o, &in, ZSTD_e_end), 0);
+	ZSTD_freeCCtx(cc);
+	EXPECT_BAD(proto_decode_pages_zstd(tmp, hl + o.pos, &m, &dl, &z, &zl, err, sizeof(err)),
+		   m, "without a content size");
+	/* A bad header as for PAGES. */
+	memset(tmp, 0, 16);
+	EXPECT_BAD(proto_decode_pages_zstd(tmp, 16, &m, &dl, &z, &zl, err, sizeof(err)), m,
+		   "pages");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1101,6 +1223,7 @@ int main(void)
 		cmocka_unit_test(test_pages_golden),
 		cmocka_unit_test(test_pages_shapes),
 		cmocka_unit_test(test_pages_rules),
+		cmocka_unit_test(test_pages_zstd),
 		cmocka_unit_test(test_all_cuts),
 		cmocka_unit_test(test_encoders_refuse),
 		cmocka_unit_test(test_postcopy_msgs),
