@@ -139,6 +139,7 @@ struct xport_dst_stats {
 	uint64_t pages;
 	uint64_t zero_pages;
 	unsigned streams;     /* receivers running */
+	uint64_t read_pages;  /* RDMA: pages fetched by RDMA READ and placed (postcopy) */
 };
 
 struct xport_dst;
