@@ -338,9 +338,31 @@ static void on_fault(struct postcopy_dst *d, uint64_t addr, int64_t now)
 	uint8_t *pa = s->hva + page * PAGE;
 
 	if (atomic_load_explicit(&d->failed, memory_order_acquire)) {
-		/* Nobody will send it: the thread waits until the pause's kick gets it out. */
+		/*
+		 * Nobody will send it: the thread waits until the pause's kick gets it out — or,
+		 * where the kick cannot, until postcopy_dst_fail releases it. Both decided under
+		 * d->lock, so a fault is either released here or listed for that release.
+		 */
 		atomic_fetch_add_explicit(&d->faults_after_fail, 1, memory_order_relaxed);
-		if (atomic_load_explicit(&d->release, memory_order_acquire))
+		pthread_mutex_lock(&d->lock);
+		bool rel = atomic_load_explicit(&d->release, memory_order_acquire);
+		if (!rel) {
+			struct pc_pending *free_p = NULL;
+			bool known = false;
+			for (unsigned i = 0; i < POSTCOPY_MAX_PENDING && !known; i++) {
+				struct pc_pending *q = &d->pending[i];
+				known = q->used && q->slot == (uint32_t)si && q->page == page;
+				if (!q->used && !free_p)
+					free_p = q;
+			}
+			if (!known && free_p) {
+				*free_p = (struct pc_pending){
+				    .used = true, .slot = (uint32_t)si, .page = page, .t0_ns = now};
+				d->nr_pending++;
+			}
+		}
+		pthread_mutex_unlock(&d->lock);
+		if (rel)
 			release_page(d, pa);
 		return;
 	}
