@@ -177,6 +177,8 @@ struct migration_info {
 	uint64_t bytes_uncompressed;  /* source: what bytes_sent would be raw; 0 = unknown */
 	uint64_t pages_normal;
 	uint64_t pages_zero;
+	bool postcopy;            /* the VM ran on the destination before all pages were there */
+	uint64_t pages_rdma_read; /* destination, postcopy over RDMA: pages it pulled by READ */
 	uint64_t remaining_bytes;
 	double dirty_rate_pps;
 	double bandwidth_bps;

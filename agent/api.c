@@ -533,6 +533,8 @@ static json_t *migration_json(const struct migration_info *m)
 	    m->bytes_uncompressed ? uint_json(m->bytes_uncompressed) : json_null());
 	put(o, "pages_normal", uint_json(m->pages_normal));
 	put(o, "pages_zero", uint_json(m->pages_zero));
+	put(o, "postcopy", json_boolean(m->postcopy));
+	put(o, "pages_rdma_read", uint_json(m->pages_rdma_read));
 	put(o, "remaining_bytes", uint_json(m->remaining_bytes));
 	put(o, "dirty_rate_pps", rate_json(m->dirty_rate_pps));
 	put(o, "bandwidth_bps", rate_json(m->bandwidth_bps));

@@ -659,6 +659,11 @@ static void print_migration(const json_t *m)
 		       (double)num(m, "bytes_uncompressed") / (double)num(m, "bytes_sent"),
 		       size_text(num(m, "bytes_uncompressed"), b2, sizeof(b2)));
 	printf("\n");
+	if (json_is_true(json_object_get(m, "postcopy")) && num(m, "pages_rdma_read"))
+		printf("postcopy:          yes (%llu pages pulled by RDMA READ)\n",
+		       (unsigned long long)num(m, "pages_rdma_read"));
+	else if (json_is_true(json_object_get(m, "postcopy")))
+		printf("postcopy:          yes\n");
 	printf("remaining:         %s\n", size_text(num(m, "remaining_bytes"), b2, sizeof(b2)));
 	printf("dirty rate:        %.0f pages/s\n", real(m, "dirty_rate_pps"));
 	printf("bandwidth:         %.1f MB/s\n", real(m, "bandwidth_bps") / 1e6);

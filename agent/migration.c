@@ -50,6 +50,8 @@
 #define FENCE_TIMEOUT_MS 120000
 #define DEST_IDLE_TIMEOUT_MS 300000
 #define FIRST_FRAME_TIMEOUT_MS 5000
+#define PULL_FETCH_TIMEOUT_MS 20000 /* one RDMA READ run of postcopy pull mode */
+#define PULL_POLL_MS 100            /* the destination looks at the pullers this often */
 #define STATE_TIME_MS 5.0      /* estimate of state transfer in the downtime forecast */
 #define TAKE_GROUP_CHUNKS 16u  /* chunks taken (re-protected) per send: 256 MiB */
 #define DECISIONS_KEPT 256u
@@ -103,6 +105,8 @@ struct migration {
 	bool postcopy;
 	/* Destination, postcopy: the fault service (set once by the job thread). */
 	struct postcopy_dst *pc;
+	/* Destination, postcopy over RDMA: pc pulls the pages itself (job thread only). */
+	bool pc_pull;
 };
 
 #define HISTORY_MAX 2048u
@@ -1063,20 +1067,6 @@ static int source_precopy(struct migration *m, struct tracker *t, uint64_t *fenc
 		goto out;
 	}
 	policy_for(m, &m->policy);
-	if (m->policy.allow_postcopy && strcmp(xport_src_name(m->src), "rdma") == 0) {
-		/*
-		 * Postcopy needs the destination to place pages through userfaultfd; RDMA writes
-		 * land in the memory registered at set-up, which postcopy punches out. Until the
-		 * RDMA path places pages too, an RDMA migration stays precopy: a timeout whose
-		 * action was postcopy aborts instead.
-		 */
-		m->policy.allow_postcopy = false;
-		m->policy.postcopy_after_rounds = -1;
-		if (m->policy.timeout_action == SCHED_TIMEOUT_POSTCOPY)
-			m->policy.timeout_action = SCHED_TIMEOUT_ABORT;
-		agent_log(m->a, LOG_WARN, "migration %llu: postcopy is not available over RDMA; "
-			  "this migration stays precopy", (unsigned long long)m->id);
-	}
 	char perr[160];
 	r = sched_migration_new(&m->policy, nr_vcpus, &m->sched);
 	if (r < 0) {
@@ -1414,9 +1404,50 @@ static int postcopy_serve(struct migration *m, const struct proto_postcopy_start
 }
 
 /*
+ * Postcopy over RDMA: the destination pulls every page it lacks with RDMA READ from our
+ * exposed memory; nothing to send. Waits for POSTCOPY_DONE (or ABORT, or the loss of the
+ * line), the VM paused here. Returns 1 on DONE, < 0 on failure.
+ */
+static int postcopy_wait_pull(struct migration *m)
+{
+	for (;;) {
+		uint16_t type = 0;
+		void *buf = NULL;
+		size_t len = 0;
+		char err[160] = "";
+		int r = xctl_recv(m->ctl, &type, &buf, &len, FENCE_TIMEOUT_MS, err, sizeof(err));
+		if (r == -ETIMEDOUT)
+			continue; /* pulling takes what it takes; a dead line ends the wait */
+		if (r < 0)
+			return mig_fail(m, r, "postcopy: lost the destination (%s%s%s) while it pulled "
+					      "pages over RDMA; the VM runs there with pages missing "
+					      "and cannot go on without this agent; kept paused here, "
+					      "not resumed",
+					r == -ECONNRESET ? "connection closed" : strerror(-r),
+					err[0] ? ": " : "", err);
+		if (type == PROTO_POSTCOPY_DONE) {
+			free(buf);
+			return 1;
+		}
+		struct proto_refuse ab;
+		if (type == PROTO_ABORT && proto_decode_refuse(buf, len, &ab, err, sizeof(err)) == 0) {
+			free(buf);
+			return mig_fail(m, -ECONNABORTED, "postcopy: the destination gave up: %.180s; "
+					"the VM cannot go on; kept paused here, not resumed",
+					ab.message);
+		}
+		free(buf);
+		return mig_fail(m, -EPROTO, "postcopy: unexpected %s from the destination while it "
+				"pulled pages over RDMA%s%s", proto_type_name(type), err[0] ? ": " : "",
+				err);
+	}
+}
+
+/*
  * Postcopy: pause, send the state and the list of pages the destination lacks, and once it
  * runs the VM (it decided RUN durably first), push those pages while answering its
- * requests first. From POSTCOPY_START on this VM never resumes here.
+ * requests first — or, over RDMA, let it pull them. From POSTCOPY_START on this VM never
+ * resumes here.
  */
 static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t,
 			   uint64_t *fence, uint64_t *ret_pause_ns)
@@ -1432,6 +1463,26 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 
 	if (!b)
 		return mig_fail(m, -ENOMEM, "out of memory");
+	/*
+	 * Over RDMA the destination pulls the pages itself (RDMA WRITEs would land in memory it
+	 * punched out): expose guest memory for remote READ now, while the VM still runs, so
+	 * the registration does not add to the downtime. The memfd mappings keep their pages,
+	 * so what the destination reads later is what the paused VM left.
+	 */
+	bool pull = strcmp(xport_src_name(m->src), "rdma") == 0;
+	if (pull) {
+		void *hvas[PROTO_MAX_SLOTS];
+		char xerr[200] = "";
+		for (uint32_t i = 0; i < vm_nr_slots(vm); i++)
+			hvas[i] = vm_slot(vm, i)->hva;
+		r = xport_src_rdma_expose(m->src, hvas, xerr, sizeof(xerr));
+		if (r < 0) {
+			free(b);
+			return mig_fail(m, r, "postcopy over RDMA: exposing guest memory: %s",
+					xerr[0] ? xerr : strerror(-r));
+		}
+		ps.flags = PROTO_POSTCOPY_PULL_RDMA;
+	}
 	set_state(m, MIG_SWITCHOVER);
 	pthread_mutex_lock(&m->vm->op_lock);
 	*ret_pause_ns = agent_mono_ns();
@@ -1520,15 +1571,25 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	pthread_mutex_lock(&m->lock);
 	m->info.downtime_ms = (agent_mono_ns() - *ret_pause_ns) / 1000000ull;
 	m->postcopy = true;
+	m->info.postcopy = true;
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
 	agent_log(m->a, LOG_INFO, "migration %llu: postcopy: VM %s runs on %s, %llu pages to "
-		  "go; downtime %llu ms (here: pause %.1f ms, listing the pages %.1f ms, state "
+		  "go%s; downtime %llu ms (here: pause %.1f ms, listing the pages %.1f ms, state "
 		  "%.1f ms; the destination answered %.1f ms later)", (unsigned long long)m->id,
 		  m->info.vm, m->req.dest, (unsigned long long)missing,
+		  pull ? " (pulled by RDMA READ)" : "",
 		  (unsigned long long)m->info.downtime_ms, (t_paused - *ret_pause_ns) / 1e6,
 		  (t_listed - t_paused) / 1e6, (t_sent - t_listed) / 1e6,
 		  (agent_mono_ns() - t_sent) / 1e6);
+	if (pull) {
+		r = postcopy_wait_pull(m);
+		if (r < 0)
+			goto out;
+		publish_sent(m, 0);
+		r = PROTO_DECIDED_RUN;
+		goto out;
+	}
 
 	/* Push every missing page, looking at the requests between small batches. */
 	uint64_t left = missing;
@@ -1962,6 +2023,27 @@ static int dest_request_pages(void *arg, uint32_t slot, uint64_t first_page, uin
 	return r;
 }
 
+static void dest_postcopy_lost(struct migration *m, const char *why);
+
+/* Pull mode (RDMA): a puller thread's fetch, placed through the userfaultfd by the transport. */
+static int dest_fetch_pages(void *arg, uint32_t slot, uint64_t first_page, uint32_t npages)
+{
+	struct migration *m = arg;
+	return xport_dst_rdma_fetch(m->dst, slot, first_page, npages, PULL_FETCH_TIMEOUT_MS);
+}
+
+/* Postcopy figures for the record (destination). */
+static void dest_postcopy_progress(struct migration *m)
+{
+	struct xport_dst_stats ds = {0};
+	uint64_t missing = postcopy_dst_remaining(m->pc);
+	xport_dst_stats(m->dst, &ds);
+	pthread_mutex_lock(&m->lock);
+	m->info.remaining_bytes = missing * 4096ull;
+	m->info.pages_rdma_read = ds.read_pages;
+	pthread_mutex_unlock(&m->lock);
+}
+
 /*
  * POSTCOPY_START: the last precopy pages are in, the state too. Drop the stale pages, make
  * the receivers place pages through userfaultfd, restore, decide RUN durably, run the VM
@@ -1993,8 +2075,22 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 		proto_postcopy_start_free(&ps);
 		return mig_fail(m, -EPROTO, "no STATE before POSTCOPY_START");
 	}
-	struct postcopy_dst_config pcfg = {.request = dest_request_pages, .arg = m,
-					   .prefetch_pages = 15};
+	/*
+	 * Over RDMA the pages must be pulled: the source's WRITEs would land in the memory
+	 * registered at set-up, which the discard below punches out of guest memory.
+	 */
+	bool rdma = xport_dst_rdma_port(m->dst) != 0;
+	bool pull = ps.flags & PROTO_POSTCOPY_PULL_RDMA;
+	if (pull != rdma) {
+		proto_postcopy_start_free(&ps);
+		return mig_fail(m, -EPROTO, "POSTCOPY_START %s pull mode over %s",
+				pull ? "asks for" : "without", rdma ? "RDMA" : "TCP");
+	}
+	struct postcopy_dst_config pcfg = {.arg = m, .prefetch_pages = 15};
+	if (pull)
+		pcfg.fetch = dest_fetch_pages;
+	else
+		pcfg.request = dest_request_pages;
 	struct postcopy_dst *pc = NULL;
 	r = postcopy_dst_new(vm, &pcfg, &pc, err, sizeof(err));
 	for (uint32_t i = 0; r == 0 && i < ps.nr_slots; i++) {
@@ -2018,6 +2114,7 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 	}
 	m->pc = pc;
 	t_state = agent_mono_ns();
+	m->pc_pull = pull;
 	set_state(m, MIG_DEST_READY);
 	if (decide(m, PROTO_DECIDED_RUN) != PROTO_DECIDED_RUN)
 		return mig_fail(m, -ECANCELED, "discarded before the decision");
@@ -2036,6 +2133,7 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 	send_msg(m, PROTO_POSTCOPY_RUNNING, 0, NULL, 0);
 	pthread_mutex_lock(&m->lock);
 	m->postcopy = true;
+	m->info.postcopy = true;
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
 	pthread_mutex_lock(&m->vm->op_lock);
@@ -2043,6 +2141,12 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 	pthread_mutex_unlock(&m->vm->op_lock);
 	if (r < 0)
 		return mig_fail(m, r, "postcopy: the VM did not start here: %s", strerror(-r));
+	/* Pull mode: from now on the pullers fetch every needed page, faults first. */
+	if (pull && (r = postcopy_dst_pull_start(pc)) < 0) {
+		snprintf(err, sizeof(err), "starting the pullers: %s", strerror(-r));
+		dest_postcopy_lost(m, err);
+		return r;
+	}
 	uint64_t t_run = agent_mono_ns();
 	agent_log(a, LOG_INFO, "migration %llu: postcopy: VM started %.1f ms after POSTCOPY_START "
 		  "(userfaultfd and %llu pages to fetch %.1f ms, state %.1f ms, durable decision "
@@ -2078,6 +2182,18 @@ static void dest_completed(struct migration *m)
 	set_state(m, MIG_COMPLETED);
 	agent_vm_put(m->a, m->vm);
 	m->vm = NULL;
+}
+
+/* POSTCOPY_DONE went out: every page is here; the VM is this agent's for good. */
+static void dest_postcopy_finish(struct migration *m)
+{
+	postcopy_dst_pull_stop(m->pc); /* before the transport its fetches use goes */
+	dest_postcopy_progress(m);
+	drop_dst(m); /* receivers gone: nothing places pages any more */
+	postcopy_dst_free(m->pc);
+	m->pc = NULL;
+	release_vm_hold(m);
+	dest_completed(m);
 }
 
 static void dest_job(struct migration *m)
@@ -2182,7 +2298,30 @@ static void dest_job(struct migration *m)
 	for (;;) {
 		uint16_t type = 0;
 		err[0] = '\0';
-		r = xctl_recv(m->ctl, &type, &buf, &len, DEST_IDLE_TIMEOUT_MS, err, sizeof(err));
+		/* Pulling, the source says nothing until we are done: look at the pullers often. */
+		r = xctl_recv(m->ctl, &type, &buf, &len, m->pc_pull ? PULL_POLL_MS : DEST_IDLE_TIMEOUT_MS,
+			      err, sizeof(err));
+		if (r == -ETIMEDOUT && m->pc_pull) {
+			char pwhy[200] = "";
+			int st = postcopy_dst_pull_status(m->pc, pwhy, sizeof(pwhy));
+			dest_postcopy_progress(m);
+			if (st == 0)
+				continue;
+			if (st < 0) {
+				char lost[240];
+				snprintf(lost, sizeof(lost), "source %s: RDMA READ failed (%.160s)",
+					 xctl_peer(m->ctl), pwhy);
+				dest_postcopy_lost(m, lost);
+				send_abort(m, PROTO_E_INTERNAL, m->info.error);
+				break;
+			}
+			/* Every page is here: the VM no longer needs the source. */
+			send_msg(m, PROTO_POSTCOPY_DONE, 0, NULL, 0);
+			dest_postcopy_finish(m);
+			free(state_blob);
+			free(dig);
+			return;
+		}
 		if (r < 0) {
 			char lost[200];
 			snprintf(lost, sizeof(lost), "source %s: %s%s%.100s", xctl_peer(m->ctl),
@@ -2304,7 +2443,7 @@ static void dest_job(struct migration *m)
 				break;
 			}
 			continue;
-		} else if (type == PROTO_POSTCOPY_END && m->pc) {
+		} else if (type == PROTO_POSTCOPY_END && m->pc && !m->pc_pull) {
 			uint64_t g = 0;
 			r = proto_decode_postcopy_end(buf, len, &g, err, sizeof(err));
 			free(buf);
@@ -2320,13 +2459,9 @@ static void dest_job(struct migration *m)
 				break;
 			}
 			send_msg(m, PROTO_POSTCOPY_DONE, 0, NULL, 0);
-			drop_dst(m); /* receivers gone: nothing places pages any more */
-			postcopy_dst_free(m->pc);
-			m->pc = NULL;
-			release_vm_hold(m);
+			dest_postcopy_finish(m);
 			free(state_blob);
 			free(dig);
-			dest_completed(m);
 			return;
 		} else if (type == PROTO_ABORT) {
 			struct proto_refuse ab;
@@ -2372,6 +2507,11 @@ static void dest_job(struct migration *m)
 fail:
 	if (decide(m, PROTO_DECIDED_NOT_RUN) == PROTO_DECIDED_NOT_RUN)
 		record_decision(m, PROTO_DECIDED_NOT_RUN);
+	if (m->pc) {
+		/* The pullers use the transport: they stop before it goes. */
+		postcopy_dst_pull_stop(m->pc);
+		dest_postcopy_progress(m);
+	}
 	drop_dst(m);
 	if (m->pc) {
 		/* Postcopy lost: the VM ran here but can never get its pages; it goes. */

@@ -7,8 +7,13 @@
  * bookkeeping that says when every needed page is here.
  *
  * Per slot, three bitmaps of atomic words: `need` (named by discard: must come from the
- * source), `asked` (a request covers it: do not ask twice) and `here` (seen arriving: placed
- * by us, or found in the memfd by mincore). A needed page that is not `here` may still have
+ * source), `asked` (a request or a pull covers it: do not ask twice) and `here` (seen
+ * arriving: placed by us or pulled, or found in the memfd by mincore).
+ *
+ * Pull mode (cfg.fetch, RDMA): nobody pushes; POSTCOPY_PULLERS threads ("pull-<vm>") fetch
+ * every needed page themselves. The fault thread's requests go to a queue they serve first;
+ * in between, all but one of them walk the slots for needed pages nobody asked for and fetch
+ * them in runs of cfg.pull_pages, so one is always free for the next fault. A needed page that is not `here` may still have
  * arrived through the TCP receivers; mincore on the mapping says whether the memfd holds it
  * without faulting, which is the same test the kernel makes before raising a MISSING fault.
  */
@@ -39,6 +44,7 @@
 /* Successive EAGAINs without progress before a placement gives up. */
 /* How long postcopy_dst_fail lets the pause's kick work before it releases stuck vCPUs. */
 #define RELEASE_AFTER_MS 300
+#define PULL_QUEUE POSTCOPY_MAX_PENDING /* demand runs waiting for a puller */
 
 struct pc_slot {
 	uint8_t *hva;
@@ -93,7 +99,28 @@ struct postcopy_dst {
 
 	_Atomic uint64_t faults, fault_pages, zero_fills, requests, pages_requested, request_errors,
 	    pages_placed, pages_existing, faults_resolved, wait_sum_ns, wait_max_ns,
-	    faults_after_fail, pages_released;
+	    faults_after_fail, pages_released, pulls, pages_pulled;
+
+	/*
+	 * Pull mode. Under lock: the demand queue (a ring), the walk's cursor, how many pullers
+	 * are on a background run, stop, and the first fetch error. pull_cond (with lock): a
+	 * demand run was queued, or stop.
+	 */
+	pthread_cond_t pull_cond;
+	struct {
+		uint32_t slot;
+		uint64_t page;
+		uint32_t n;
+	} queue[PULL_QUEUE];
+	unsigned q_head, q_len;
+	uint32_t walk_slot;
+	uint64_t walk_page;
+	unsigned pull_bg;
+	bool pull_stop;
+	int pull_err;
+	char pull_why[160];
+	pthread_t pullers[POSTCOPY_PULLERS];
+	unsigned nr_pullers;
 };
 
 static int64_t now_ns(void)
@@ -251,6 +278,27 @@ static int find_slot(const struct postcopy_dst *d, uint64_t addr, uint64_t *ret_
 	return -1;
 }
 
+/* Pull mode: hands a demand run to the pullers. -EBUSY when the queue is full (retried). */
+static int enqueue_demand(struct postcopy_dst *d, uint32_t si, uint64_t page, uint32_t n)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&d->lock);
+	if (d->pull_err || d->pull_stop) {
+		r = d->pull_err ? d->pull_err : -ECANCELED;
+	} else if (d->q_len == PULL_QUEUE) {
+		r = -EBUSY;
+	} else {
+		unsigned i = (d->q_head + d->q_len++) % PULL_QUEUE;
+		d->queue[i].slot = si;
+		d->queue[i].page = page;
+		d->queue[i].n = n;
+		pthread_cond_signal(&d->pull_cond);
+	}
+	pthread_mutex_unlock(&d->lock);
+	return r;
+}
+
 /*
  * Asks for page `page` of slot si and up to prefetch following needed pages nobody asked
  * for. Called on the fault thread, without d->lock. Returns the callback's result; on
@@ -265,7 +313,8 @@ static int request_run(struct postcopy_dst *d, uint32_t si, uint64_t page)
 	while (n <= d->cfg.prefetch_pages && page + n < s->pages && test_bit(s->need, page + n) &&
 	       !test_bit(s->here, page + n) && set_bit(s->asked, page + n))
 		n++;
-	int r = d->cfg.request(d->cfg.arg, si, page, n);
+	int r = d->cfg.fetch ? enqueue_demand(d, si, page, n)
+			     : d->cfg.request(d->cfg.arg, si, page, n);
 	if (r < 0) {
 		for (uint32_t i = 0; i < n; i++)
 			clear_bit(s->asked, page + i);
@@ -289,9 +338,31 @@ static void on_fault(struct postcopy_dst *d, uint64_t addr, int64_t now)
 	uint8_t *pa = s->hva + page * PAGE;
 
 	if (atomic_load_explicit(&d->failed, memory_order_acquire)) {
-		/* Nobody will send it: the thread waits until the pause's kick gets it out. */
+		/*
+		 * Nobody will send it: the thread waits until the pause's kick gets it out — or,
+		 * where the kick cannot, until postcopy_dst_fail releases it. Both decided under
+		 * d->lock, so a fault is either released here or listed for that release.
+		 */
 		atomic_fetch_add_explicit(&d->faults_after_fail, 1, memory_order_relaxed);
-		if (atomic_load_explicit(&d->release, memory_order_acquire))
+		pthread_mutex_lock(&d->lock);
+		bool rel = atomic_load_explicit(&d->release, memory_order_acquire);
+		if (!rel) {
+			struct pc_pending *free_p = NULL;
+			bool known = false;
+			for (unsigned i = 0; i < POSTCOPY_MAX_PENDING && !known; i++) {
+				struct pc_pending *q = &d->pending[i];
+				known = q->used && q->slot == (uint32_t)si && q->page == page;
+				if (!q->used && !free_p)
+					free_p = q;
+			}
+			if (!known && free_p) {
+				*free_p = (struct pc_pending){
+				    .used = true, .slot = (uint32_t)si, .page = page, .t0_ns = now};
+				d->nr_pending++;
+			}
+		}
+		pthread_mutex_unlock(&d->lock);
+		if (rel)
 			release_page(d, pa);
 		return;
 	}
@@ -367,9 +438,13 @@ static void tick(struct postcopy_dst *d, int64_t now)
 
 	pthread_mutex_lock(&d->lock);
 	if (atomic_load_explicit(&d->failed, memory_order_acquire)) {
-		/* Nothing waits for an answer any more; the figures are for served faults. */
-		memset(d->pending, 0, sizeof(d->pending));
-		d->nr_pending = 0;
+		/*
+		 * Nothing will answer any more, but the waits stay listed: postcopy_dst_fail
+		 * releases the vCPUs that the pause cannot kick out by these entries (a fault
+		 * already read is not reported again).
+		 */
+		pthread_mutex_unlock(&d->lock);
+		return;
 	}
 	for (unsigned i = 0; i < POSTCOPY_MAX_PENDING && d->nr_pending; i++) {
 		struct pc_pending *p = &d->pending[i];
@@ -417,7 +492,7 @@ static void *fault_thread(void *arg)
 		struct pollfd pfd[2] = {{.fd = d->uffd, .events = POLLIN},
 					{.fd = d->stop_efd, .events = POLLIN}};
 		pthread_mutex_lock(&d->lock);
-		int timeout = d->nr_pending ? POSTCOPY_TICK_MS : -1;
+		int timeout = d->nr_pending && !atomic_load(&d->failed) ? POSTCOPY_TICK_MS : -1;
 		pthread_mutex_unlock(&d->lock);
 
 		int n = poll(pfd, 2, timeout);
@@ -438,6 +513,169 @@ static void *fault_thread(void *arg)
 	return NULL;
 }
 
+/* ---------------- pull mode ---------------- */
+
+/*
+ * The walk: the next run of needed pages that are not here and that nobody asked for, from
+ * the cursor on, at most pull_pages long; claims them (asked). Called with d->lock held.
+ */
+static bool next_walk_run_locked(struct postcopy_dst *d, uint32_t *ret_slot, uint64_t *ret_page,
+				 uint32_t *ret_n)
+{
+	for (; d->walk_slot < d->nr_slots; d->walk_slot++, d->walk_page = 0) {
+		struct pc_slot *s = &d->slots[d->walk_slot];
+		uint64_t p = d->walk_page;
+		while (p < s->pages) {
+			uint64_t w = p / 64;
+			uint64_t open = atomic_load_explicit(&s->need[w], memory_order_acquire) &
+					~atomic_load_explicit(&s->here[w], memory_order_acquire) &
+					~atomic_load_explicit(&s->asked[w], memory_order_acquire);
+			open &= ~0ull << (p % 64);
+			if (!open) {
+				p = (w + 1) * 64;
+				continue;
+			}
+			p = w * 64 + (uint64_t)__builtin_ctzll(open);
+			if (p >= s->pages)
+				break;
+			uint32_t n = 0;
+			/* set_bit claims a page the fault thread did not just ask for itself. */
+			while (n < d->cfg.pull_pages && p + n < s->pages && test_bit(s->need, p + n) &&
+			       !test_bit(s->here, p + n) && set_bit(s->asked, p + n))
+				n++;
+			if (!n) {
+				p++;
+				continue;
+			}
+			d->walk_page = p + n;
+			*ret_slot = d->walk_slot;
+			*ret_page = p;
+			*ret_n = n;
+			return true;
+		}
+	}
+	return false;
+}
+
+static void *pull_thread(void *arg)
+{
+	struct postcopy_dst *d = arg;
+	char name[16];
+
+	snprintf(name, sizeof(name), "pull-%s", vm_name(d->vm));
+	pthread_setname_np(pthread_self(), name);
+	pthread_mutex_lock(&d->lock);
+	for (;;) {
+		if (d->pull_stop || d->pull_err || atomic_load(&d->failed))
+			break;
+		uint32_t slot = 0, n = 0;
+		uint64_t page = 0;
+		bool walk = false;
+		if (d->q_len) {
+			slot = d->queue[d->q_head].slot;
+			page = d->queue[d->q_head].page;
+			n = d->queue[d->q_head].n;
+			d->q_head = (d->q_head + 1) % PULL_QUEUE;
+			d->q_len--;
+		} else if (d->pull_bg + 1 < POSTCOPY_PULLERS &&
+			   next_walk_run_locked(d, &slot, &page, &n)) {
+			walk = true;
+			d->pull_bg++;
+		} else {
+			pthread_cond_wait(&d->pull_cond, &d->lock);
+			continue;
+		}
+		pthread_mutex_unlock(&d->lock);
+
+		int r = d->cfg.fetch(d->cfg.arg, slot, page, n);
+		struct pc_slot *s = &d->slots[slot];
+		for (uint32_t i = 0; i < n; i++) {
+			if (r == 0)
+				set_bit(s->here, page + i);
+			else
+				clear_bit(s->asked, page + i);
+		}
+		if (r == 0) {
+			atomic_fetch_add_explicit(&d->pulls, 1, memory_order_relaxed);
+			atomic_fetch_add_explicit(&d->pages_pulled, n, memory_order_relaxed);
+		}
+
+		pthread_mutex_lock(&d->lock);
+		if (walk)
+			d->pull_bg--;
+		if (r < 0 && !d->pull_err) {
+			d->pull_err = r;
+			snprintf(d->pull_why, sizeof(d->pull_why),
+				 "fetching %u pages at page %llu of slot %u: %s", n,
+				 (unsigned long long)page, slot, strerror(-r));
+		}
+		if (r == 0 && d->nr_pending)
+			resolve_pending_locked(d, slot, page, n, now_ns());
+		/* A walker that finished leaves room for another: wake one. */
+		pthread_cond_signal(&d->pull_cond);
+	}
+	pthread_cond_broadcast(&d->pull_cond);
+	pthread_mutex_unlock(&d->lock);
+	return NULL;
+}
+
+int postcopy_dst_pull_start(struct postcopy_dst *d)
+{
+	if (!d || !d->cfg.fetch)
+		return -EINVAL;
+	if (d->nr_pullers)
+		return -EALREADY;
+	for (unsigned i = 0; i < POSTCOPY_PULLERS; i++) {
+		int r = -pthread_create(&d->pullers[i], NULL, pull_thread, d);
+		if (r < 0) {
+			if (!d->nr_pullers)
+				return r;
+			break; /* fewer pullers still pull every page */
+		}
+		pthread_mutex_lock(&d->lock);
+		d->nr_pullers++;
+		pthread_mutex_unlock(&d->lock);
+	}
+	return 0;
+}
+
+int postcopy_dst_pull_status(struct postcopy_dst *d, char *why, size_t len)
+{
+	int r = 0;
+
+	if (!d || !d->cfg.fetch)
+		return -EINVAL;
+	pthread_mutex_lock(&d->lock);
+	if (d->pull_err) {
+		r = d->pull_err;
+		set_err(why, len, "%s", d->pull_why);
+	}
+	pthread_mutex_unlock(&d->lock);
+	if (r < 0)
+		return r;
+	if (atomic_load(&d->failed)) {
+		set_err(why, len, "%s", d->why);
+		return -ECANCELED;
+	}
+	return postcopy_dst_remaining(d) == 0 ? 1 : 0;
+}
+
+void postcopy_dst_pull_stop(struct postcopy_dst *d)
+{
+	if (!d)
+		return;
+	pthread_mutex_lock(&d->lock);
+	unsigned n = d->nr_pullers;
+	d->pull_stop = true;
+	pthread_cond_broadcast(&d->pull_cond);
+	pthread_mutex_unlock(&d->lock);
+	for (unsigned i = 0; i < n; i++)
+		pthread_join(d->pullers[i], NULL);
+	pthread_mutex_lock(&d->lock);
+	d->nr_pullers = 0;
+	pthread_mutex_unlock(&d->lock);
+}
+
 /* ---------------- API ---------------- */
 
 int postcopy_dst_new(struct vm *vm, const struct postcopy_dst_config *cfg,
@@ -446,7 +684,8 @@ int postcopy_dst_new(struct vm *vm, const struct postcopy_dst_config *cfg,
 	struct postcopy_dst *d;
 	int r;
 
-	if (!vm || !cfg || !cfg->request || !ret) {
+	if (!vm || !cfg || !ret || !cfg->request == !cfg->fetch ||
+	    cfg->pull_pages > POSTCOPY_MAX_PULL_PAGES) {
 		set_err(err, errlen, "postcopy: bad arguments");
 		return -EINVAL;
 	}
@@ -465,6 +704,8 @@ int postcopy_dst_new(struct vm *vm, const struct postcopy_dst_config *cfg,
 	}
 	d->vm = vm;
 	d->cfg = *cfg;
+	if (!d->cfg.pull_pages)
+		d->cfg.pull_pages = POSTCOPY_PULL_PAGES;
 	d->uffd = -1;
 	d->stop_efd = -1;
 	pthread_mutex_init(&d->lock, NULL);
@@ -472,6 +713,7 @@ int postcopy_dst_new(struct vm *vm, const struct postcopy_dst_config *cfg,
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&d->cond, &ca);
+	pthread_cond_init(&d->pull_cond, &ca);
 	pthread_condattr_destroy(&ca);
 
 	d->nr_slots = vm_nr_slots(vm);
@@ -800,6 +1042,8 @@ void postcopy_dst_stats(struct postcopy_dst *d, struct postcopy_dst_stats *ret)
 	    .fault_wait_max_ns = atomic_load(&d->wait_max_ns),
 	    .faults_after_fail = atomic_load(&d->faults_after_fail),
 	    .pages_released = atomic_load(&d->pages_released),
+	    .pulls = atomic_load(&d->pulls),
+	    .pages_pulled = atomic_load(&d->pages_pulled),
 	};
 }
 
@@ -816,6 +1060,8 @@ void postcopy_dst_free(struct postcopy_dst *d)
 			postcopy_dst_fail(d, why);
 		}
 	}
+	/* No fetch may place pages once the mappings are unregistered below. */
+	postcopy_dst_pull_stop(d);
 	if (d->thread_started) {
 		uint64_t one = 1;
 		if (write(d->stop_efd, &one, sizeof(one)) < 0) {
@@ -838,6 +1084,7 @@ void postcopy_dst_free(struct postcopy_dst *d)
 		close(d->stop_efd);
 	if (d->uffd >= 0)
 		close(d->uffd);
+	pthread_cond_destroy(&d->pull_cond);
 	pthread_cond_destroy(&d->cond);
 	pthread_mutex_destroy(&d->lock);
 	free(d);

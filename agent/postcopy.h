@@ -10,6 +10,13 @@
  * which installs it and wakes whoever waits. A page the memfd holds never faults, so what
  * precopy delivered is used without a round trip.
  *
+ * Two ways the pages come. Push (cfg.request, TCP): the fault thread asks the source, which
+ * sends the asked pages first and every other needed page after them. Pull (cfg.fetch,
+ * RDMA): the source's CPU is not in the path; POSTCOPY_PULLERS threads ("pull-<vm>") of this
+ * module fetch the pages themselves with the blocking fetch callback (an RDMA READ from the
+ * source's exposed memory, placed through the userfaultfd), the pages faults wait on first
+ * and every other needed page in runs of cfg.pull_pages in between, until none is missing.
+ *
  * Which pages come from the source: the engine names them with postcopy_dst_discard() —
  * the pages dirtied since they were last sent, and those never sent at all. Those are
  * "needed": their stale copies are dropped (a hole is punched into the memfd) and a fault
@@ -30,8 +37,8 @@
  * during instruction emulation, seen on kvm_pvm), the pages stuck vCPUs wait on are filled
  * with zeros so that they return and park; the VM is paused for good by then.
  *
- * Threads: new/discard/fail/free are called by the VM's controlling thread (fail and free
- * may call vm_pause). place, remaining, complete, stats and failure may be called from any
+ * Threads: new/discard/fail/free/pull_start/pull_stop are called by the VM's controlling
+ * thread (fail and free may call vm_pause). place, remaining, complete, stats and failure may be called from any
  * thread, concurrently. The request callback runs on the fault thread; neither it nor the
  * thread that ends up serving the request may touch guest memory through the mappings (it
  * would fault on a missing page and wait for itself).
@@ -64,8 +71,25 @@ struct postcopy_dst;
  */
 typedef int (*postcopy_request_fn)(void *arg, uint32_t slot, uint64_t first_page, uint32_t npages);
 
+/*
+ * Pull mode: fetches pages first_page .. first_page + npages - 1 of slot `slot` from the
+ * source and places them (through the userfaultfd: a page already here is left alone) before
+ * it returns. Called on the puller threads, several at once; may block (bounded by its own
+ * timeout). 0, or -errno: pulling stops and postcopy_dst_pull_status() reports it — the
+ * engine then treats the source as lost.
+ */
+typedef int (*postcopy_fetch_fn)(void *arg, uint32_t slot, uint64_t first_page, uint32_t npages);
+
+/* Pull mode: puller threads; all but one walk for pages nobody asked for. */
+#define POSTCOPY_PULLERS 3u
+/* Pull mode: the walk's run length by default, and at most (an RDMA bounce slot's pages). */
+#define POSTCOPY_PULL_PAGES 128u
+#define POSTCOPY_MAX_PULL_PAGES 1024u
+
 struct postcopy_dst_config {
+	/* Exactly one of request (push) and fetch (pull). */
 	postcopy_request_fn request;
+	postcopy_fetch_fn fetch;
 	void *arg;
 	/*
 	 * With a fault on page p, also ask for up to this many following pages of the same
@@ -73,6 +97,8 @@ struct postcopy_dst_config {
 	 * for the faulting page only.
 	 */
 	uint32_t prefetch_pages;
+	/* Pull mode: pages per fetch of the walk; 0 = POSTCOPY_PULL_PAGES. */
+	uint32_t pull_pages;
 };
 
 struct postcopy_dst_stats {
@@ -91,6 +117,8 @@ struct postcopy_dst_stats {
 	uint64_t fault_wait_max_ns;
 	uint64_t faults_after_fail; /* faults read after postcopy_dst_fail */
 	uint64_t pages_released;    /* zero pages given to vCPUs the pause could not kick out */
+	uint64_t pulls;		    /* pull mode: fetch callbacks that succeeded */
+	uint64_t pages_pulled;	    /* pages in them (demand runs and the walk) */
 };
 
 /*
@@ -124,6 +152,24 @@ int postcopy_dst_discard(struct postcopy_dst *d, uint32_t slot, const uint64_t *
  */
 int postcopy_dst_place(struct postcopy_dst *d, uint32_t slot, uint64_t first_page, uint32_t npages,
 		       const void *data, const uint64_t *zero_mask);
+
+/*
+ * Pull mode: starts the puller threads. Call it after every postcopy_dst_discard() (a page
+ * pulled before its stale copy is punched out would be lost) — before the VM runs is fine.
+ * -EINVAL without cfg.fetch, -EALREADY the second time, -errno from pthread_create.
+ */
+int postcopy_dst_pull_start(struct postcopy_dst *d);
+/*
+ * Pull mode: 1 when every needed page is here, 0 while pulling, -errno when a fetch failed
+ * or postcopy was failed (why says what). Any thread.
+ */
+int postcopy_dst_pull_status(struct postcopy_dst *d, char *why, size_t len);
+/*
+ * Pull mode: stops the pullers and waits for them (a fetch in progress finishes or times
+ * out first). Call it before the transport the fetch callback uses goes away. Idempotent;
+ * postcopy_dst_free() calls it too. Controlling thread.
+ */
+void postcopy_dst_pull_stop(struct postcopy_dst *d);
 
 /* The userfaultfd, for xport_dst_set_uffd() (which takes its own reference). */
 int postcopy_dst_uffd(const struct postcopy_dst *d);

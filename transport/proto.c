@@ -738,7 +738,7 @@ int proto_encode_postcopy_start(const struct proto_postcopy_start *m, void **ret
 {
 	struct wire_writer w;
 
-	if (m->nr_slots == 0 || m->nr_slots > PROTO_MAX_SLOTS)
+	if (m->nr_slots == 0 || m->nr_slots > PROTO_MAX_SLOTS || (m->flags & ~PROTO_POSTCOPY_FLAGS))
 		return -EINVAL;
 	for (uint32_t i = 0; i < m->nr_slots; i++)
 		if (m->npages[i] > POSTCOPY_MAX_SLOT_PAGES || !m->bitmap[i])
@@ -751,6 +751,8 @@ int proto_encode_postcopy_start(const struct proto_postcopy_start *m, void **ret
 		for (uint64_t k = 0; k < (m->npages[i] + 63) / 64; k++)
 			wire_put_u64(&w, m->bitmap[i][k]);
 	}
+	if (m->flags) /* absent when 0: see proto.h */
+		wire_put_u32(&w, m->flags);
 	return wire_writer_take(&w, ret, ret_len);
 }
 
@@ -790,6 +792,15 @@ int proto_decode_postcopy_start(const void *p, size_t len, struct proto_postcopy
 		}
 		for (uint64_t k = 0; k < words; k++)
 			h.bitmap[i][k] = wire_get_u64(&r);
+	}
+	/* The optional flags: present only when non-zero, and only known bits. */
+	if (!r.err && wire_remaining(&r) >= 4) {
+		h.flags = wire_get_u32(&r);
+		if (!h.flags || (h.flags & ~PROTO_POSTCOPY_FLAGS)) {
+			proto_postcopy_start_free(&h);
+			return fail(err, errlen, "postcopy_start: flags 0x%" PRIx32 " %s", h.flags,
+				    h.flags ? "has unknown bits" : "must be left out");
+		}
 	}
 	int rc = finish(&r, "postcopy_start", err, errlen);
 	if (rc) {

@@ -246,7 +246,19 @@ struct proto_postcopy_start {
 	uint32_t nr_slots;
 	uint64_t npages[PROTO_MAX_SLOTS];
 	uint64_t *bitmap[PROTO_MAX_SLOTS]; /* decode: malloc'd, (npages + 63) / 64 words */
+	/*
+	 * PROTO_POSTCOPY_* bits. On the wire a trailing u32 present only when non-zero, so a
+	 * push-mode POSTCOPY_START is byte for byte what agents without the field send, and
+	 * an agent without it refuses a pull-mode one (trailing bytes) before it decides.
+	 */
+	uint32_t flags;
 };
+/*
+ * Pull over RDMA: the source exposed its guest memory (xport_src_rdma_expose) and sends no
+ * pages; the destination RDMA-READs every flagged page itself, then answers DONE.
+ */
+#define PROTO_POSTCOPY_PULL_RDMA (1u << 0)
+#define PROTO_POSTCOPY_FLAGS PROTO_POSTCOPY_PULL_RDMA
 int proto_encode_postcopy_start(const struct proto_postcopy_start *m, void **ret,
 				size_t *ret_len);
 int proto_decode_postcopy_start(const void *p, size_t len, struct proto_postcopy_start *m,

@@ -17,7 +17,14 @@
  * (from then on no write can land) and unwinds the rest in reverse order of creation.
  *
  * Postcopy: xport_dst_rdma_fetch() RDMA-READs pages from the memory the source exposed
- * (RDMA_MSG_SRC_REGIONS) straight into the registered guest memory.
+ * (RDMA_MSG_SRC_REGIONS) into a registered bounce buffer — one slot per fetch call — and
+ * the calling thread places them: through the region's userfaultfd once
+ * xport_dst_set_uffd() gave one (UFFDIO_COPY installs a page only where none is and wakes
+ * whoever waits for it), else by copying into the region. Never straight into guest
+ * memory: postcopy punches the needed pages out of the memfd, and the pages the guest
+ * memory's registration pinned are then no longer the guest's. For the same reason
+ * set_uffd deregisters the region's memory (the orphaned pinned pages are freed and any
+ * later WRITE from the source fails on the NIC instead of landing nowhere).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -31,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -41,8 +49,8 @@
 
 #define PAGE PAGEREADER_PAGE_SIZE
 #define SEND_SLOTS RDMA_RECV_DEPTH /* our sends in flight <= the peer's receive buffers */
-#define FETCH_SLOTS 16u            /* postcopy READs in flight, over all queue pairs */
-#define FETCH_MAX_BYTES (1u << 20) /* one READ at most */
+#define FETCH_SLOTS 8u             /* postcopy fetches in flight, over all queue pairs */
+#define FETCH_SLOT_BYTES (128u * PAGE) /* a fetch's bounce slot: one READ at most */
 #define MAX_RD_ATOM 16u
 #define CQ_POLL_BATCH 32
 #define CQ_ACK_BATCH 64u
@@ -134,12 +142,21 @@ struct rdma_dst {
 	struct rdma_remote_region src_rr[XPORT_MAX_REGIONS];
 	struct fetch_slot fetch[FETCH_SLOTS];
 	unsigned fetch_rr;
+	/*
+	 * Postcopy (set_uffd): the userfaultfd that places region i's fetched pages, ours (a
+	 * duplicate), or -1; set once under lock, read by fetch under lock.
+	 */
+	int uffd[XPORT_MAX_REGIONS];
+	/* FETCH_SLOTS bounce slots of FETCH_SLOT_BYTES for READs (LOCAL_WRITE only). */
+	uint8_t *bounce;
+	struct ibv_mr *bounce_mr;
 
 	/* Posting on a queue pair and its sends_out/send_next: receiver thread vs fetchers. */
 	pthread_mutex_t post_lock;
 
 	atomic_bool stopping;
 	_Atomic uint64_t bytes, pages, zero_pages;
+	_Atomic uint64_t read_pages; /* fetched and placed (postcopy) */
 };
 
 static const struct xport_dst_ops rdma_dst_ops;
@@ -255,10 +272,11 @@ static size_t build_regions(uint8_t *buf, uint16_t credits, const void *arg)
 	const struct rdma_dst *x = arg;
 	struct rdma_remote_region rr[XPORT_MAX_REGIONS];
 
+	/* mr[i] is NULL only after set_uffd, long after every queue pair got its table. */
 	for (unsigned i = 0; i < x->nr_regions; i++)
 		rr[i] = (struct rdma_remote_region){ .addr = (uintptr_t)x->regions[i].hva,
 						     .len = x->regions[i].size,
-						     .rkey = x->mr[i]->rkey };
+						     .rkey = x->mr[i] ? x->mr[i]->rkey : 0 };
 	return rdma_msg_regions(buf, RDMA_MSG_REGIONS, credits,
 				(x->flags & XPORT_RDMA_DST_ZEROED) ? RDMA_REGIONS_ZEROED : 0, rr,
 				x->nr_regions);
@@ -746,6 +764,7 @@ static void dst_stats(const struct xport_dst *base, struct xport_dst_stats *ret)
 	ret->bytes = atomic_load_explicit(&x->bytes, memory_order_relaxed);
 	ret->pages = atomic_load_explicit(&x->pages, memory_order_relaxed);
 	ret->zero_pages = atomic_load_explicit(&x->zero_pages, memory_order_relaxed);
+	ret->read_pages = atomic_load_explicit(&x->read_pages, memory_order_relaxed);
 	pthread_mutex_lock(&x->lock);
 	ret->streams = x->running;
 	pthread_mutex_unlock(&x->lock);
@@ -770,6 +789,8 @@ static void dst_free(struct xport_dst *base)
 	for (unsigned i = 0; i < x->nr_regions; i++) {
 		if (x->mr[i])
 			ibv_dereg_mr(x->mr[i]);
+		if (x->uffd[i] >= 0)
+			close(x->uffd[i]);
 	}
 	for (unsigned i = 0; x->qps && i < x->expected; i++) {
 		struct dst_qp *q = &x->qps[i];
@@ -793,6 +814,10 @@ static void dst_free(struct xport_dst *base)
 	if (x->msg_mr)
 		ibv_dereg_mr(x->msg_mr);
 	free(x->msgbuf);
+	if (x->bounce_mr)
+		ibv_dereg_mr(x->bounce_mr);
+	if (x->bounce)
+		munmap(x->bounce, (size_t)FETCH_SLOTS * FETCH_SLOT_BYTES);
 	if (x->pd)
 		ibv_dealloc_pd(x->pd);
 	if (x->stop_fd >= 0)
@@ -803,9 +828,40 @@ static void dst_free(struct xport_dst *base)
 	free(x);
 }
 
+/*
+ * Postcopy: fetched pages of `region` are placed through uffd from now on. The region's
+ * registration goes: the source must not WRITE into guest memory any more (its pages are
+ * being punched out), and the pages it pinned are freed instead of lingering orphaned.
+ */
+static int dst_set_uffd(struct xport_dst *base, unsigned region, int uffd)
+{
+	struct rdma_dst *x = to_dst(base);
+	int fd;
+
+	if (region >= x->nr_regions)
+		return -EINVAL;
+	fd = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	pthread_mutex_lock(&x->lock);
+	if (x->uffd[region] >= 0) {
+		pthread_mutex_unlock(&x->lock);
+		close(fd);
+		return -EALREADY;
+	}
+	x->uffd[region] = fd;
+	struct ibv_mr *mr = x->mr[region];
+	x->mr[region] = NULL;
+	pthread_mutex_unlock(&x->lock);
+	if (mr)
+		ibv_dereg_mr(mr);
+	return 0;
+}
+
 static const struct xport_dst_ops rdma_dst_ops = {
 	.name = "rdma",
 	.add_stream = dst_add_stream,
+	.set_uffd = dst_set_uffd,
 	.wait_fence = dst_wait_fence,
 	.error = dst_error,
 	.stats = dst_stats,
@@ -863,6 +919,8 @@ int xport_dst_rdma_new(const struct xport_region *regions, unsigned nr_regions,
 	}
 	x->base.ops = &rdma_dst_ops;
 	x->stop_fd = -1;
+	for (unsigned i = 0; i < XPORT_MAX_REGIONS; i++)
+		x->uffd[i] = -1;
 	x->nr_regions = nr_regions;
 	memcpy(x->regions, regions, nr_regions * sizeof(regions[0]));
 	x->expected = expected_qps;
@@ -959,6 +1017,22 @@ int xport_dst_rdma_new(const struct xport_region *regions, unsigned nr_regions,
 		xport_set_err(err, errlen, "registering message buffers: %s", strerror(-r));
 		goto err_free;
 	}
+	/* Postcopy's bounce slots: page aligned, as UFFDIO_COPY wants its source. */
+	x->bounce = mmap(NULL, (size_t)FETCH_SLOTS * FETCH_SLOT_BYTES, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (x->bounce == MAP_FAILED) {
+		x->bounce = NULL;
+		r = -ENOMEM;
+		xport_set_err(err, errlen, "out of memory");
+		goto err_free;
+	}
+	x->bounce_mr = ibv_reg_mr(x->pd, x->bounce, (size_t)FETCH_SLOTS * FETCH_SLOT_BYTES,
+				  IBV_ACCESS_LOCAL_WRITE);
+	if (!x->bounce_mr) {
+		r = errno ? -errno : -ENOMEM;
+		xport_set_err(err, errlen, "registering the fetch buffers: %s", strerror(-r));
+		goto err_free;
+	}
 	for (unsigned i = 0; i < expected_qps; i++) {
 		struct dst_qp *q = &x->qps[i];
 		q->x = x;
@@ -1013,6 +1087,26 @@ err_free:
 }
 
 /* ---------------- postcopy ---------------- */
+
+/*
+ * Puts len fetched bytes from the bounce slot at offset off of region: through the
+ * region's userfaultfd when it has one, else by copying. 0 or -errno.
+ */
+static int place_fetched(struct rdma_dst *x, uint32_t region, int uffd, uint64_t off,
+			 const uint8_t *src, uint32_t len)
+{
+	uint8_t *dst = (uint8_t *)x->regions[region].hva + off;
+	int r = 0;
+
+	/* A page already there (EEXIST) came by another path and is left alone. */
+	if (uffd >= 0)
+		r = xport_uffd_place(uffd, dst, src, len, NULL, NULL);
+	else
+		memcpy(dst, src, len);
+	if (r == 0)
+		atomic_fetch_add_explicit(&x->read_pages, len / PAGE, memory_order_relaxed);
+	return r;
+}
 
 int xport_dst_rdma_fetch(struct xport_dst *base, uint32_t region, uint64_t first_page,
 			 uint32_t npages, int timeout_ms)
@@ -1076,14 +1170,17 @@ int xport_dst_rdma_fetch(struct xport_dst *base, uint32_t region, uint64_t first
 	x->fetch_rr++;
 	x->fetch[slot] = (struct fetch_slot){ .busy = true };
 	struct rdma_remote_region src = x->src_rr[region];
+	int uffd = x->uffd[region];
 	pthread_mutex_unlock(&x->lock);
 
+	/* One READ into our slot at a time, then its pages are placed; the slot is ours. */
+	uint8_t *bounce = x->bounce + (size_t)slot * FETCH_SLOT_BYTES;
 	uint64_t off = first_page * PAGE, end = off + (uint64_t)npages * PAGE;
 	while (off < end && !r) {
-		uint32_t len = end - off > FETCH_MAX_BYTES ? FETCH_MAX_BYTES : (uint32_t)(end - off);
-		struct ibv_sge sge = { .addr = (uintptr_t)x->regions[region].hva + off,
+		uint32_t len = end - off > FETCH_SLOT_BYTES ? FETCH_SLOT_BYTES : (uint32_t)(end - off);
+		struct ibv_sge sge = { .addr = (uintptr_t)bounce,
 				       .length = len,
-				       .lkey = x->mr[region]->lkey };
+				       .lkey = x->bounce_mr->lkey };
 		struct ibv_send_wr wr = {
 			.wr_id = WR_ID(WR_READ, q->idx, slot),
 			.sg_list = &sge,
@@ -1112,7 +1209,10 @@ int xport_dst_rdma_fetch(struct xport_dst *base, uint32_t region, uint64_t first
 				} else if (pthread_cond_timedwait(&x->cond, &x->lock, &deadline) ==
 						   ETIMEDOUT &&
 					   x->fetch[slot].posted) {
-					/* The completion will come (or flush): it frees the slot. */
+					/*
+					 * The completion will come (or flush) and frees the slot: its
+					 * bounce buffer is not reused before the NIC is done with it.
+					 */
 					x->fetch[slot].abandoned = true;
 					pthread_mutex_unlock(&x->lock);
 					return -ETIMEDOUT;
@@ -1121,6 +1221,8 @@ int xport_dst_rdma_fetch(struct xport_dst *base, uint32_t region, uint64_t first
 			r = x->fetch[slot].status;
 		}
 		pthread_mutex_unlock(&x->lock);
+		if (!r)
+			r = place_fetched(x, region, uffd, off, bounce, len);
 		off += len;
 	}
 	pthread_mutex_lock(&x->lock);

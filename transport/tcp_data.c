@@ -1461,6 +1461,7 @@ static void dst_stats(const struct xport_dst *base, struct xport_dst_stats *ret)
 	ret->pages = atomic_load_explicit(&x->pages, memory_order_relaxed);
 	ret->zero_pages = atomic_load_explicit(&x->zero_pages, memory_order_relaxed);
 	ret->zstd_frames = atomic_load_explicit(&x->zstd_frames, memory_order_relaxed);
+	ret->read_pages = 0;
 	pthread_mutex_lock(&x->lock);
 	ret->streams = x->running;
 	pthread_mutex_unlock(&x->lock);
@@ -1501,9 +1502,12 @@ static void dst_free(struct xport_dst *base)
 	free(x);
 }
 
+static int dst_set_uffd(struct xport_dst *base, unsigned region, int uffd);
+
 static const struct xport_dst_ops tcp_dst_ops = {
 	.name = "tcp",
 	.add_stream = dst_add_stream,
+	.set_uffd = dst_set_uffd,
 	.wait_fence = dst_wait_fence,
 	.error = dst_error,
 	.stats = dst_stats,
@@ -1579,20 +1583,12 @@ err_free:
 	return r;
 }
 
-/*
- * Defined here rather than dispatched through xport_dst_ops: only the TCP receivers place
- * pages with the CPU, so only they can place them through a userfaultfd.
- */
-int xport_dst_set_uffd(struct xport_dst *base, unsigned region, int uffd)
+/* The receivers place the pages of `region` through uffd from now on (transport.h). */
+static int dst_set_uffd(struct xport_dst *base, unsigned region, int uffd)
 {
-	struct tcp_dst *x;
+	struct tcp_dst *x = to_dst(base);
 	int fd, expected = -1;
 
-	if (!base || uffd < 0)
-		return -EINVAL;
-	if (base->ops != &tcp_dst_ops)
-		return -EOPNOTSUPP;
-	x = to_dst(base);
 	if (region >= x->nr_regions)
 		return -EINVAL;
 	/* Our own reference, like the region's fd: the caller may close its uffd first. */

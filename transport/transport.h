@@ -155,6 +155,7 @@ struct xport_dst_stats {
 	uint64_t zero_pages;
 	uint64_t zstd_frames; /* PAGES_ZSTD frames received */
 	unsigned streams;     /* receivers running */
+	uint64_t read_pages;  /* RDMA: pages fetched by RDMA READ and placed (postcopy) */
 };
 
 struct xport_dst;
@@ -209,7 +210,10 @@ int xport_uffd_place(int uffd, void *dst, const void *src, uint64_t len, uint64_
  * per region, between batches (after xport_dst_wait_fence of the source's last precopy
  * fence and before the source sends postcopy pages): a frame is placed by whichever mode
  * its receiver saw when the frame began. -EALREADY the second time, -EINVAL for a bad
- * region or fd, -EOPNOTSUPP on an RDMA destination (its NIC writes, no CPU to place pages).
+ * region or fd. On an RDMA destination the NIC's WRITEs cannot be placed: there it is
+ * xport_dst_rdma_fetch() that places the region's pages through uffd from now on, and the
+ * region's registration for remote write is dropped (a later WRITE fails on the NIC, and
+ * the pages the registration pinned — punched out of the memfd by postcopy — are freed).
  */
 int xport_dst_set_uffd(struct xport_dst *x, unsigned region, int uffd);
 
@@ -281,11 +285,15 @@ int xport_src_rdma_expose(struct xport_src *x, void *const *region_hvas, char *e
 			  size_t errlen);
 /*
  * Postcopy, on the destination: RDMA-READs pages first_page .. first_page + npages - 1 of
- * a region from the source's exposed memory straight into the destination's guest memory
- * and waits for them (waiting first, within the same timeout, for the source's table if it
- * has not arrived yet). Safe from any thread, concurrently with the receiver. -ETIMEDOUT,
- * -EINVAL outside the regions, -ECONNRESET when the queue pair is gone, -EOPNOTSUPP on a
- * non-RDMA destination.
+ * a region from the source's exposed memory into a registered bounce slot (512 KiB at a
+ * time) and places them before it returns: through the region's userfaultfd after
+ * xport_dst_set_uffd() (UFFDIO_COPY: a page already there is left alone, threads waiting
+ * for a page are woken), else by copying them into the region. Waits first, within the
+ * same timeout, for the source's table if it has not arrived yet, and for a free slot (8).
+ * Safe from several threads at once, concurrently with the receiver. -ETIMEDOUT, -EINVAL
+ * outside the regions, -ECONNRESET when no queue pair is left, -EIO/-EACCES for a failed
+ * READ, -errno from the placement, -EOPNOTSUPP on a non-RDMA destination. Counted in the
+ * stats' read_pages.
  */
 int xport_dst_rdma_fetch(struct xport_dst *x, uint32_t region, uint64_t first_page,
 			 uint32_t npages, int timeout_ms);

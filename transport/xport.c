@@ -97,6 +97,13 @@ void xport_dst_stats(const struct xport_dst *x, struct xport_dst_stats *ret)
 	x->ops->stats(x, ret);
 }
 
+int xport_dst_set_uffd(struct xport_dst *x, unsigned region, int uffd)
+{
+	if (!x || uffd < 0)
+		return -EINVAL;
+	return x->ops->set_uffd ? x->ops->set_uffd(x, region, uffd) : -EOPNOTSUPP;
+}
+
 void xport_dst_free(struct xport_dst *x)
 {
 	if (x)

@@ -58,6 +58,9 @@ struct xport_dst_ops {
 	int (*wait_fence)(struct xport_dst *x, uint64_t fence, int timeout_ms);
 	const char *(*error)(const struct xport_dst *x);
 	void (*stats)(const struct xport_dst *x, struct xport_dst_stats *ret);
+	/* Optional (NULL: -EOPNOTSUPP). Called with x non-NULL and uffd >= 0; -EINVAL for a
+	 * bad region, -EALREADY the second time. */
+	int (*set_uffd)(struct xport_dst *x, unsigned region, int uffd);
 	void (*free)(struct xport_dst *x);
 };
 

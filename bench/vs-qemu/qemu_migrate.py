@@ -135,6 +135,8 @@ def main():
                     help="bytes/s; -1 keeps QEMU's default")
     ap.add_argument("--auto-converge", action="store_true")
     ap.add_argument("--multifd", type=int, default=0, help="multifd channels (0: off)")
+    ap.add_argument("--multifd-compression", default="",
+                    help="multifd-compression parameter (zstd, zlib); needs --multifd")
     ap.add_argument("--postcopy", action="store_true",
                     help="postcopy-ram on both sides and migrate-start-postcopy right after "
                          "migrate: postcopy with no precopy round, as ferry's postcopy variant")
@@ -187,6 +189,9 @@ def main():
                       capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
             if args.multifd:
                 q.cmd("migrate-set-parameters", **{"multifd-channels": args.multifd})
+            if args.multifd_compression:
+                q.cmd("migrate-set-parameters",
+                      **{"multifd-compression": args.multifd_compression})
         p = {}
         if args.max_bandwidth >= 0:
             p["max-bandwidth"] = args.max_bandwidth

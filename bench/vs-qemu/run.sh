@@ -144,7 +144,7 @@ case_range() { case $quick$1 in 01) echo 100M ;; 02) echo 1G ;; 03) echo 256M ;;
 case_cap() { case $1 in 3) echo 125000000 ;; *) echo 0 ;; esac; }
 case_variants() {
   if [ -n "$qemu_variants" ]; then echo "${qemu_variants//,/ }"
-  elif [ "$1" = 3 ]; then echo default-ac ring-ac ring-postcopy
+  elif [ "$1" = 3 ]; then echo default-ac ring-ac ring-zstd-ac ring-postcopy
   else echo default ring ring-multifd ring-postcopy; fi
 }
 bytes_of() { numfmt --from=iec "$1"; }
@@ -299,7 +299,8 @@ qemu_run() {
     ring-ac) opts=(--dirty-ring 65536 --max-bandwidth "$bw" --auto-converge) ;;
     noac) opts=(--max-bandwidth "$bw") ;;
     ring-postcopy) opts=(--dirty-ring 65536 --max-bandwidth "$bw" --postcopy) ;;
-    *) die "unknown QEMU variant $v (default, ring, ring-multifd, ring-postcopy, log-unlimited, default-ac, ring-ac, noac)" ;;
+    ring-zstd-ac) opts=(--dirty-ring 65536 --max-bandwidth "$bw" --auto-converge --multifd 4 --multifd-compression zstd) ;;
+    *) die "unknown QEMU variant $v (default, ring, ring-multifd, ring-postcopy, ring-zstd-ac, log-unlimited, default-ac, ring-ac, noac)" ;;
   esac
   out=$(python3 "$here/qemu_migrate.py" --qemu "$qemu" --img "$img" --memory "$mem" \
     --workdir "$tmp/qemu-c$c-r$rep-$v" --variant "$v" --timeout "$timeout" \

@@ -527,6 +527,17 @@ static int write_corpus(const char *dir)
 	struct proto_fence f = {.fence = 9};
 	SEED("fence.bin", PROTO_FENCE, proto_encode_fence(&f, &b, &n));
 
+	/* Postcopy: 2 slots of 65 and 8 pages; push form (no flags), then pull over RDMA. */
+	uint64_t bits0[2] = {0x5, 0x1}, bits1[1] = {0xff};
+	struct proto_postcopy_start ps = {.fence = 9, .nr_slots = 2, .npages = {65, 8},
+					  .bitmap = {bits0, bits1}};
+	SEED("postcopy_start.bin", PROTO_POSTCOPY_START, proto_encode_postcopy_start(&ps, &b, &n));
+	ps.flags = PROTO_POSTCOPY_PULL_RDMA;
+	SEED("postcopy_start_pull.bin", PROTO_POSTCOPY_START,
+	     proto_encode_postcopy_start(&ps, &b, &n));
+	struct proto_page_req pq = {.slot = 1, .first_page = 3, .npages = 16};
+	SEED("page_req.bin", PROTO_PAGE_REQ, proto_encode_page_req(&pq, &b, &n));
+
 	/* 65 pages (two mask words), all zero but one: a header and one page of data. */
 	struct proto_pages pg = {.region = 1, .first_page = 256, .npages = 65,
 				 .zero_mask = {~(1ull << 5), 1}};

@@ -150,6 +150,34 @@ static void test_postcopy_msgs(void **state)
 	struct proto_postcopy_start none = {.fence = 1, .nr_slots = 0};
 	assert_int_equal(proto_encode_postcopy_start(&none, &buf, &len), -EINVAL);
 
+	/* Pull over RDMA: a trailing flags word, present only when non-zero. */
+	ps.flags = PROTO_POSTCOPY_PULL_RDMA;
+	assert_int_equal(proto_encode_postcopy_start(&ps, &buf, &len), 0);
+	assert_int_equal(len, 8 + 4 + (8 + 16) + (8 + 8) + 4);
+	assert_int_equal(proto_decode_postcopy_start(buf, len, &d, err, sizeof(err)), 0);
+	assert_int_equal(d.flags, PROTO_POSTCOPY_PULL_RDMA);
+	assert_int_equal(d.bitmap[1][0], 0xff);
+	proto_postcopy_start_free(&d);
+	/* A cut inside the flags is refused; the push form (no flags) still decodes. */
+	for (size_t cut = len - 3; cut < len; cut++)
+		assert_int_equal(proto_decode_postcopy_start(buf, cut, &d, err, sizeof(err)),
+				 -EBADMSG);
+	assert_int_equal(proto_decode_postcopy_start(buf, len - 4, &d, err, sizeof(err)), 0);
+	assert_int_equal(d.flags, 0);
+	proto_postcopy_start_free(&d);
+	/* Unknown bits, and an explicit 0 (not the canonical form), are refused. */
+	uint8_t *fb = buf;
+	fb[len - 4] = 0x02;
+	assert_int_equal(proto_decode_postcopy_start(buf, len, &d, err, sizeof(err)), -EBADMSG);
+	assert_non_null(strstr(err, "unknown bits"));
+	fb[len - 4] = 0;
+	assert_int_equal(proto_decode_postcopy_start(buf, len, &d, err, sizeof(err)), -EBADMSG);
+	assert_non_null(strstr(err, "left out"));
+	free(buf);
+	ps.flags = 1u << 7;
+	assert_int_equal(proto_encode_postcopy_start(&ps, &buf, &len), -EINVAL);
+	ps.flags = 0;
+
 	uint64_t f = 0;
 	assert_int_equal(proto_encode_postcopy_end(42, &buf, &len), 0);
 	assert_int_equal(proto_decode_postcopy_end(buf, len, &f, err, sizeof(err)), 0);

@@ -16,7 +16,11 @@
  * destination freed mid-send, or killed (a child process), fails the source's send within
  * seconds, and a source killed mid-send fails the destination's fence wait as fast;
  * cancel cuts a throttled send short; the bandwidth cap holds; postcopy fetches
- * pages with RDMA READ from exposed source memory. Prints throughput (informative).
+ * pages with RDMA READ from exposed source memory — into the destination's memory, or,
+ * after xport_dst_set_uffd, through a userfaultfd into pages punched out of the memfd,
+ * waking a thread blocked on a missing page, leaving pages already there alone, from
+ * several threads at once, while a WRITE into such a region is refused by the NIC.
+ * Prints throughput (informative).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -31,8 +35,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/userfaultfd.h>
+#include <stdatomic.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -972,6 +980,138 @@ static void postcopy_fetch(void **state)
 	xport_dst_free(dst);
 }
 
+/* A userfaultfd over [p, p + len) in MISSING mode (the tests run as root in the VM). */
+static int uffd_over(void *p, uint64_t len)
+{
+	int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0)
+		fail_msg("userfaultfd: %s", strerror(errno));
+	struct uffdio_api api = { .api = UFFD_API };
+	assert_int_equal(ioctl(fd, UFFDIO_API, &api), 0);
+	assert_true(api.features & UFFD_FEATURE_MISSING_SHMEM);
+	struct uffdio_register reg = { .range = { .start = (uintptr_t)p, .len = len },
+				       .mode = UFFDIO_REGISTER_MODE_MISSING };
+	assert_int_equal(ioctl(fd, UFFDIO_REGISTER, &reg), 0);
+	return fd;
+}
+
+struct toucher {
+	const uint8_t *page;
+	uint8_t copy[PAGE];
+	atomic_bool done;
+};
+
+/* Reads a page that is missing: blocks in the kernel until someone places it. */
+static void *touch_page(void *arg)
+{
+	struct toucher *t = arg;
+	memcpy(t->copy, t->page, PAGE);
+	atomic_store(&t->done, true);
+	return NULL;
+}
+
+struct fetcher {
+	struct xport_dst *dst;
+	uint32_t region;
+	uint64_t first;
+	uint32_t n;
+	int r;
+};
+
+static void *fetch_run(void *arg)
+{
+	struct fetcher *f = arg;
+	f->r = xport_dst_rdma_fetch(f->dst, f->region, f->first, f->n, 30000);
+	return NULL;
+}
+
+/*
+ * Postcopy as the engine runs it: pages punched out of the destination's memfd, the region
+ * registered with a userfaultfd and handed to the transport; fetches place the pages.
+ */
+static void postcopy_fetch_uffd(void **state)
+{
+	struct mem *m = *state;
+	char err[256] = "";
+	struct toucher t = { .page = m->dst[1] + 20 * PAGE };
+	pthread_t th;
+
+	for (unsigned r = 0; r < NR_REGIONS; r++)
+		memset(m->dst[r], 0, m->sizes[r]);
+	all_data(m);
+	struct xport_dst *dst = open_dst(m, NR_REGIONS, 2, XPORT_RDMA_DST_ZEROED);
+	struct xport_src *src = open_src(dst, m, 2, 0);
+	void *hvas[NR_REGIONS] = { m->src[0], m->src[1], m->src[2] };
+	int r = xport_src_rdma_expose(src, hvas, err, sizeof(err));
+	if (r)
+		fail_msg("expose: %s (%s)", strerror(-r), err);
+
+	/* Region 1: pages 10..73 are needed; region 2: all of it. */
+	int uffd1 = uffd_over(m->dst[1], m->sizes[1]);
+	int uffd2 = uffd_over(m->dst[2], m->sizes[2]);
+	assert_int_equal(fallocate(m->dst_fd[1], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				   10 * PAGE, 64 * PAGE), 0);
+	assert_int_equal(fallocate(m->dst_fd[2], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+				   (off_t)m->sizes[2]), 0);
+	assert_int_equal(xport_dst_set_uffd(dst, 1, uffd1), 0);
+	assert_int_equal(xport_dst_set_uffd(dst, 1, uffd1), -EALREADY);
+	assert_int_equal(xport_dst_set_uffd(dst, NR_REGIONS, uffd1), -EINVAL);
+	assert_int_equal(xport_dst_set_uffd(dst, 2, -1), -EINVAL);
+	assert_int_equal(xport_dst_set_uffd(dst, 2, uffd2), 0);
+	/* The transport holds its own references. */
+	close(uffd2);
+
+	/* A thread blocks on missing page 20 of region 1. */
+	assert_int_equal(pthread_create(&th, NULL, touch_page, &t), 0);
+	usleep(300000);
+	assert_false(atomic_load(&t.done));
+	/* The source's memory is read as it is now: change a page after exposing it. */
+	tio_fill_page(m->src[1] + 20 * PAGE, 0x5eed);
+	m->src[1][20 * PAGE] |= 1;
+	r = xport_dst_rdma_fetch(dst, 1, 10, 64, 10000);
+	if (r)
+		fail_msg("fetch: %s (%s)", strerror(-r), xport_dst_error(dst));
+	pthread_join(th, NULL);
+	assert_true(atomic_load(&t.done));
+	assert_memory_equal(t.copy, m->src[1] + 20 * PAGE, PAGE);
+	assert_memory_equal(m->dst[1] + 10 * PAGE, m->src[1] + 10 * PAGE, 64 * PAGE);
+	/* Pages already there are left alone (the guest may have written them since). */
+	assert_int_equal(xport_dst_rdma_fetch(dst, 1, 0, 16, 10000), 0);
+	for (unsigned p = 0; p < 10; p++)
+		assert_true(tio_page_zero(m->dst[1] + p * PAGE));
+
+	/* Region 2 from four threads at once, 384 pages each (more than one bounce slot). */
+	struct fetcher f[4];
+	pthread_t ft[4];
+	int64_t t0 = tio_now_ms();
+	for (unsigned i = 0; i < 4; i++) {
+		f[i] = (struct fetcher){ .dst = dst, .region = 2, .first = i * 384ull, .n = 384 };
+		assert_int_equal(pthread_create(&ft[i], NULL, fetch_run, &f[i]), 0);
+	}
+	for (unsigned i = 0; i < 4; i++) {
+		pthread_join(ft[i], NULL);
+		assert_int_equal(f[i].r, 0);
+	}
+	print_message("fetched 6 MiB through userfaultfd from 4 threads in %lld ms\n",
+		      (long long)(tio_now_ms() - t0));
+	assert_memory_equal(m->dst[2], m->src[2], m->sizes[2]);
+	struct xport_dst_stats ds;
+	xport_dst_stats(dst, &ds);
+	assert_int_equal(ds.read_pages, 64 + 16 + 1536);
+
+	/* set_uffd took region 1's registration away: a WRITE into it fails on the NIC. */
+	struct page_run run = { .region = 1, .first_page = 100, .npages = 4 };
+	r = xport_src_send(src, &run, 1, 1);
+	if (r == 0)
+		r = xport_dst_wait_fence(dst, 1, 10000);
+	print_message("a WRITE into a region handed to userfaultfd: %s (%s)\n", strerror(-r),
+		      xport_dst_error(dst));
+	assert_true(r < 0);
+	xport_src_free(src);
+	xport_dst_free(dst);
+	close(uffd1);
+}
+
 static void setup_errors(void **state)
 {
 	struct mem *m = *state;
@@ -1115,6 +1255,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test_setup_teardown(cancel_throttled_send, mem_setup, mem_teardown),
 		cmocka_unit_test_setup_teardown(bandwidth_cap, mem_setup, mem_teardown),
 		cmocka_unit_test_setup_teardown(postcopy_fetch, mem_setup, mem_teardown),
+		cmocka_unit_test_setup_teardown(postcopy_fetch_uffd, mem_setup, mem_teardown),
 		cmocka_unit_test_setup_teardown(setup_errors, mem_setup, mem_teardown),
 		cmocka_unit_test_setup_teardown(throughput, mem_setup, mem_teardown),
 	};
