@@ -511,51 +511,56 @@ static int runs_add_batch(struct runs *rs, const struct tracker_batch *b, unsign
  * not supported nothing is dropped.
  */
 /*
- * What lseek said last about one slot's file: [from, data) is a hole and [data, hole) data.
- * SEEK_HOLE walks the file's pages up to the next hole, so asking once per batch inside a
- * large data extent would cost that extent's length every time: a pass (batches in
- * increasing order) asks once per extent instead.
+ * A data extent of one slot's file, as lseek last said: [data, hole) holds data. Data stays
+ * data (nothing punches a running VM's memfd), so a pass (batches in increasing order) may
+ * reuse it; a hole may not be trusted past the batch it was seen in — the guest may write
+ * it any time, and a batch is only sound against what the file says after its take.
+ * SEEK_HOLE walks the file's pages up to the next hole, so asking it once per extent
+ * rather than once per batch keeps a large data extent from costing its length per batch.
  */
 struct hole_cursor {
 	uint32_t slot;
 	bool valid;
-	off_t from, data, hole;
+	off_t data, hole;
 };
+
+static void drop_range(struct tracker_batch *b, off_t from, off_t to)
+{
+	for (off_t p = from; p + 4096 <= to; p += 4096) {
+		uint64_t i = (uint64_t)(p / 4096) - b->first_page;
+		if ((b->bits[i / 64] >> (i % 64)) & 1) {
+			b->bits[i / 64] &= ~(1ull << (i % 64));
+			b->dirty--;
+		}
+	}
+}
 
 static void drop_holes(const struct vm_slot *s, struct tracker_batch *b, struct hole_cursor *hc)
 {
 	off_t off = (off_t)b->first_page * 4096, end = off + (off_t)b->npages * 4096;
-	if (hc->valid && (hc->slot != b->slot_index || off < hc->from))
+	if (hc->valid && hc->slot != b->slot_index)
 		hc->valid = false;
 	while (off < end) {
-		if (!hc->valid || off >= hc->hole) {
-			off_t data = lseek(s->memfd, off, SEEK_DATA), hole;
-			if (data < 0 && errno != ENXIO)
-				return; /* unknown: keep the rest */
-			if (data < 0) {
-				data = hole = INT64_MAX; /* holes to the end */
-			} else {
-				hole = lseek(s->memfd, data, SEEK_HOLE);
-				if (hole < 0)
-					return;
-				hole = (hole + 4095) & ~(off_t)4095; /* a page partly data is data */
-			}
-			*hc = (struct hole_cursor){.slot = b->slot_index, .valid = true,
-						   .from = off, .data = data, .hole = hole};
-		}
-		if (off >= hc->data) { /* inside the data extent: keep */
-			off = hc->hole;
+		if (hc->valid && off >= hc->data && off < hc->hole) {
+			off = hc->hole; /* data: keep */
 			continue;
 		}
-		off_t stop = hc->data < end ? hc->data : end;
-		for (off_t p = off; p + 4096 <= stop; p += 4096) {
-			uint64_t i = (uint64_t)(p / 4096) - b->first_page;
-			if ((b->bits[i / 64] >> (i % 64)) & 1) {
-				b->bits[i / 64] &= ~(1ull << (i % 64));
-				b->dirty--;
-			}
+		/* Asked now, after the take: a hole seen here is one for this batch. */
+		off_t data = lseek(s->memfd, off, SEEK_DATA);
+		if (data < 0 && errno != ENXIO)
+			return; /* unknown: keep the rest */
+		if (data < 0 || data >= end) {
+			drop_range(b, off, end); /* a hole to the end of the batch */
+			return;
 		}
-		off = stop;
+		drop_range(b, off, data & ~(off_t)4095);
+		off_t hole = lseek(s->memfd, data, SEEK_HOLE);
+		if (hole < 0)
+			return;
+		hole = (hole + 4095) & ~(off_t)4095; /* a page partly data is data */
+		*hc = (struct hole_cursor){
+		    .slot = b->slot_index, .valid = true, .data = data & ~(off_t)4095, .hole = hole};
+		off = hole;
 	}
 }
 

@@ -63,7 +63,11 @@ void xport_src_cancel(struct xport_src *x)
 
 void xport_src_stats(const struct xport_src *x, struct xport_src_stats *ret)
 {
+	*ret = (struct xport_src_stats){0};
 	x->ops->stats(x, ret);
+	/* A backend that never compresses (RDMA) leaves raw_bytes to this: the same bytes. */
+	if (ret->raw_bytes < ret->bytes)
+		ret->raw_bytes = ret->bytes;
 }
 
 const char *xport_src_name(const struct xport_src *x)
