@@ -115,8 +115,8 @@ def main():
             def rs(m):
                 return "-" if rt[m] is None else "%.2fx" % rt[m]
             print("%-4s %-26s %-6s %-18s %-18s %9s %8s %10s" % (
-                c, "", "ratio", "ferry/QEMU best", "", rs("total_ms"), rs("downtime_ms"),
-                rs("bytes")), file=out)
+                c, "", "ratio", "ferry/QEMU best", rt["variant"], rs("total_ms"),
+                rs("downtime_ms"), rs("bytes")), file=out)
             print("%-4s %-26s %-6s %-18s %-18s %9s %8s %10s" % (
                 c, "", "goal", "<=0.5 / 0.1 / 0.6", "",
                 "met" if rt["total_ms_met"] else "not met",
