@@ -1361,6 +1361,17 @@ static int postcopy_send(struct migration *m, uint32_t slot, uint64_t first, uin
 	return xport_src_send(m->src, &run, 1, ++*fence);
 }
 
+/* The source lost the destination's control channel during postcopy (r, err from xctl_recv). */
+static int postcopy_lost_destination(struct migration *m, int r, const char *err,
+				     const char *during)
+{
+	return mig_fail(m, r, "postcopy: lost the destination (%s%s%s)%s; the VM runs there with "
+			      "pages missing and cannot go on without this agent; kept paused here, "
+			      "not resumed",
+			r == -ECONNRESET ? "connection closed" : strerror(-r), err[0] ? ": " : "",
+			err, during);
+}
+
 /* Answers every PAGE_REQ waiting on the control channel (timeout 0 = only what is there).
  * Returns 1 when POSTCOPY_DONE arrived, 0 when nothing more is queued, < 0 on failure. */
 static int postcopy_serve(struct migration *m, const struct proto_postcopy_start *ps,
@@ -1375,11 +1386,7 @@ static int postcopy_serve(struct migration *m, const struct proto_postcopy_start
 		if (r == -ETIMEDOUT)
 			return 0;
 		if (r < 0)
-			return mig_fail(m, r, "postcopy: lost the destination (%s%s%s); the VM runs "
-					      "there with pages missing and cannot go on without this "
-					      "agent; kept paused here, not resumed",
-					r == -ECONNRESET ? "connection closed" : strerror(-r),
-					err[0] ? ": " : "", err);
+			return postcopy_lost_destination(m, r, err, "");
 		if (type == PROTO_POSTCOPY_DONE) {
 			free(buf);
 			return 1;
@@ -1424,12 +1431,7 @@ static int postcopy_wait_pull(struct migration *m)
 		if (r == -ETIMEDOUT)
 			continue; /* pulling takes what it takes; a dead line ends the wait */
 		if (r < 0)
-			return mig_fail(m, r, "postcopy: lost the destination (%s%s%s) while it pulled "
-					      "pages over RDMA; the VM runs there with pages missing "
-					      "and cannot go on without this agent; kept paused here, "
-					      "not resumed",
-					r == -ECONNRESET ? "connection closed" : strerror(-r),
-					err[0] ? ": " : "", err);
+			return postcopy_lost_destination(m, r, err, " while it pulled pages over RDMA");
 		if (type == PROTO_POSTCOPY_DONE) {
 			free(buf);
 			return 1;
