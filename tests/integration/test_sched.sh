@@ -40,7 +40,10 @@ wait_decision() { # agent id action seconds
 }
 
 # ---------------------------------------------------------------- 1. admission
-start_agent host-a 127.0.0.1:0 "" "limits:" "  max_outgoing: 1"
+# Each migration holds 3 s in precopy (FERRY_TEST_HOLD), so the first is surely still
+# running when the second is asked for: round 1 now sends only written pages and would
+# otherwise be over in a moment.
+FERRY_TEST_HOLD=precopy:3000 start_agent host-a 127.0.0.1:0 "" "limits:" "  max_outgoing: 1"
 start_agent host-b 127.0.0.1:0 ""
 dirtier host-a q1 256M wss=8M rate=2000
 dirtier host-a q2 256M wss=8M rate=2000
