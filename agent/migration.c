@@ -101,8 +101,6 @@ struct migration {
 	uint64_t nr_dropped;
 	/* Under agent->lock: the host let it start (sched_admission). */
 	bool admitted;
-	/* Under m->lock: the migration went into postcopy. */
-	bool postcopy;
 	/* Destination, postcopy: the fault service (set once by the job thread). */
 	struct postcopy_dst *pc;
 	/* Destination, postcopy over RDMA: pc pulls the pages itself (job thread only). */
@@ -501,16 +499,6 @@ static int runs_add_batch(struct runs *rs, const struct tracker_batch *b, unsign
 }
 
 /*
- * Drops from a batch the pages that are holes in the slot's memfd: never written since the
- * VM was created (nothing turns a written page of a running VM's memfd back into a hole),
- * so zero here, never sent as data, and a hole — zero — in the destination's fresh memory
- * too. Sound on a batch just taken from the tracker: its pages are re-protected, so a
- * write from now on shows in the next harvest. Used where most of the set may be holes:
- * round 1 (every page starts dirty) and the list of pages a postcopy must still move.
- * Saves reading — and naming — the untouched part of a large guest. Where SEEK_DATA is
- * not supported nothing is dropped.
- */
-/*
  * A data extent of one slot's file, as lseek last said: [data, hole) holds data. Data stays
  * data (nothing punches a running VM's memfd), so a pass (batches in increasing order) may
  * reuse it; a hole may not be trusted past the batch it was seen in — the guest may write
@@ -524,17 +512,30 @@ struct hole_cursor {
 	off_t data, hole;
 };
 
+/* Clears batch bits [from, to) (byte offsets in the slot, page aligned), a word at a time. */
 static void drop_range(struct tracker_batch *b, off_t from, off_t to)
 {
-	for (off_t p = from; p + 4096 <= to; p += 4096) {
-		uint64_t i = (uint64_t)(p / 4096) - b->first_page;
-		if ((b->bits[i / 64] >> (i % 64)) & 1) {
-			b->bits[i / 64] &= ~(1ull << (i % 64));
-			b->dirty--;
-		}
+	uint64_t i = (uint64_t)(from / 4096) - b->first_page, end = (uint64_t)(to / 4096) - b->first_page;
+	while (i < end) {
+		unsigned bit = i % 64;
+		uint64_t n = end - i < 64 - bit ? end - i : 64 - bit;
+		uint64_t mask = (n == 64 ? ~0ull : ((1ull << n) - 1)) << bit;
+		b->dirty -= (uint32_t)__builtin_popcountll(b->bits[i / 64] & mask);
+		b->bits[i / 64] &= ~mask;
+		i += n;
 	}
 }
 
+/*
+ * Drops from a batch the pages that are holes in the slot's memfd: never written since the
+ * VM was created (nothing turns a written page of a running VM's memfd back into a hole),
+ * so zero here, never sent as data, and a hole — zero — in the destination's fresh memory
+ * too. Sound on a batch just taken from the tracker: its pages are re-protected, so a
+ * write from now on shows in the next harvest. Used where most of the set may be holes:
+ * round 1 (every page starts dirty) and the list of pages a postcopy must still move.
+ * Saves reading — and naming — the untouched part of a large guest. Where SEEK_DATA is
+ * not supported nothing is dropped.
+ */
 static void drop_holes(const struct vm_slot *s, struct tracker_batch *b, struct hole_cursor *hc)
 {
 	off_t off = (off_t)b->first_page * 4096, end = off + (off_t)b->npages * 4096;
@@ -564,6 +565,28 @@ static void drop_holes(const struct vm_slot *s, struct tracker_batch *b, struct 
 	}
 }
 
+static int sched_tick(struct migration *m, uint64_t remaining_pages);
+
+/* The record's byte and page counts from the transport (m->lock held). */
+static void sent_locked(struct migration *m)
+{
+	struct xport_src_stats st;
+	xport_src_stats(m->src, &st);
+	m->info.bytes_sent = st.bytes;
+	m->info.bytes_uncompressed = st.raw_bytes;
+	m->info.pages_normal = st.pages;
+	m->info.pages_zero = st.zero_pages;
+}
+
+/* The record's byte and page counts, and what is left to send. */
+static void publish_sent(struct migration *m, uint64_t remaining_bytes)
+{
+	pthread_mutex_lock(&m->lock);
+	sent_locked(m);
+	m->info.remaining_bytes = remaining_bytes;
+	pthread_mutex_unlock(&m->lock);
+}
+
 /*
  * Takes every dirty chunk and sends it, TAKE_GROUP_CHUNKS at a time, so each chunk is
  * re-protected just before it is read (DESIGN.md rule 1). Returns pages sent. With
@@ -571,22 +594,6 @@ static void drop_holes(const struct vm_slot *s, struct tracker_batch *b, struct 
  * paused: the switch-over's pass; the VM is paused and tracking ends before it could run
  * again, so nothing is re-protected (tracker_take_next_paused).
  */
-static int sched_tick(struct migration *m, uint64_t remaining_pages);
-
-/* The record's byte and page counts from the transport, and what is left to send. */
-static void publish_sent(struct migration *m, uint64_t remaining_bytes)
-{
-	struct xport_src_stats st;
-	xport_src_stats(m->src, &st);
-	pthread_mutex_lock(&m->lock);
-	m->info.bytes_sent = st.bytes;
-	m->info.bytes_uncompressed = st.raw_bytes;
-	m->info.pages_normal = st.pages;
-	m->info.pages_zero = st.zero_pages;
-	m->info.remaining_bytes = remaining_bytes;
-	pthread_mutex_unlock(&m->lock);
-}
-
 static int send_dirty(struct migration *m, struct tracker *t, bool skip_holes, bool paused,
 		      uint64_t *fence, uint64_t *ret_pages)
 {
@@ -652,14 +659,9 @@ static int send_dirty(struct migration *m, struct tracker *t, bool skip_holes, b
 static void update_stats(struct migration *m, uint32_t round, uint64_t remaining_pages,
 			 double dirty_pps, double bw_Bps)
 {
-	struct xport_src_stats st;
-	xport_src_stats(m->src, &st);
 	pthread_mutex_lock(&m->lock);
 	m->info.round = round;
-	m->info.bytes_sent = st.bytes;
-	m->info.bytes_uncompressed = st.raw_bytes;
-	m->info.pages_normal = st.pages;
-	m->info.pages_zero = st.zero_pages;
+	sent_locked(m);
 	m->info.remaining_bytes = remaining_pages * 4096ull;
 	m->info.dirty_rate_pps = dirty_pps;
 	m->info.bandwidth_bps = bw_Bps * 8.0;
@@ -1513,19 +1515,21 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 		}
 	}
 	uint64_t missing = 0;
+	_Static_assert(TRACKER_CHUNK_PAGES % 64 == 0, "chunks start on a bitmap word");
 	while ((r = tracker_take_next_paused(t, &cur, b)) > 0) {
-		if (b->slot_index >= ps.nr_slots)
+		if (b->slot_index >= ps.nr_slots ||
+		    b->first_page + b->npages > ps.npages[b->slot_index])
 			continue;
 		/* A hole here was never written: zero, and a hole (zero) there too. */
 		drop_holes(vm_slot(vm, b->slot_index), b, &hc);
-		for (uint32_t k = 0; k < b->npages; k++) {
-			if (!((b->bits[k / 64] >> (k % 64)) & 1))
-				continue;
-			uint64_t p = b->first_page + k;
-			if (p < ps.npages[b->slot_index]) {
-				ps.bitmap[b->slot_index][p / 64] |= 1ull << (p % 64);
-				missing++;
-			}
+		/* A chunk starts on a word (TRACKER_CHUNK_PAGES is a multiple of 64): OR words. */
+		uint64_t *dst = ps.bitmap[b->slot_index] + b->first_page / 64;
+		for (uint32_t w = 0; w < (b->npages + 63) / 64; w++) {
+			uint64_t bits = b->bits[w];
+			if (w == b->npages / 64) /* the last chunk of a slot may end mid-word */
+				bits &= (1ull << (b->npages % 64)) - 1;
+			dst[w] |= bits;
+			missing += (uint64_t)__builtin_popcountll(bits);
 		}
 	}
 	if (r < 0) {
@@ -1577,7 +1581,6 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	/* Downtime ends here: the VM runs on the destination (pages may still be missing). */
 	pthread_mutex_lock(&m->lock);
 	m->info.downtime_ms = (agent_mono_ns() - *ret_pause_ns) / 1000000ull;
-	m->postcopy = true;
 	m->info.postcopy = true;
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
@@ -1727,7 +1730,7 @@ static void source_job(struct migration *m)
 	}
 	if (r == PROTO_DECIDED_RUN) {
 		pthread_mutex_lock(&m->lock);
-		if (!m->postcopy)
+		if (!m->info.postcopy)
 			m->info.downtime_ms = (agent_mono_ns() - t_pause) / 1000000ull;
 		m->info.error[0] = '\0';
 		/* The destination commits a verified migration only when the digests matched. */
@@ -1787,28 +1790,30 @@ static void decision_path(struct agent *a, uint64_t remote_id, const uint8_t *to
  * holding "wait\n", and synced with its directory then, so that recording RUN in the
  * switch-over is one overwrite of the same four bytes and one fdatasync — no new file, no
  * directory sync, no metadata change while the VM is paused. A file that says anything
- * but "run\n" records no decision. Best effort: without it, record_decision makes the file
- * then (the slower way).
+ * but "run\n" records no decision. Made at set-up as a head start; if that failed,
+ * record_decision makes it then.
  */
-static void prepare_decision(struct migration *m)
+static int prepare_decision(struct migration *m)
 {
 	char path[PATH_MAX + 96], dir[PATH_MAX + 16];
 	decision_path(m->a, m->remote_id, m->token, path, sizeof(path));
 	snprintf(dir, sizeof(dir), "%s/decisions", m->a->cfg.state_dir);
 	int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 	if (fd < 0)
-		return;
-	int dfd = -1;
+		return -errno;
+	int dfd = -1, r = 0;
 	if (pwrite(fd, "wait\n", 5, 0) != 5 || fsync(fd) < 0 ||
-	    (dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 || fsync(dfd) < 0) {
-		if (dfd >= 0)
-			close(dfd);
+	    (dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 || fsync(dfd) < 0)
+		r = errno ? -errno : -EIO;
+	if (dfd >= 0)
+		close(dfd);
+	if (r < 0) {
 		close(fd);
 		unlink(path);
-		return;
+		return r;
 	}
-	close(dfd);
 	m->decision_fd = fd;
+	return 0;
 }
 
 /* End of an incoming migration: a decision file that never said RUN goes. */
@@ -1850,30 +1855,13 @@ static int record_decision(struct migration *m, enum proto_decided d)
 {
 	struct agent *a = m->a;
 	int r = 0;
-	if (d == PROTO_DECIDED_RUN && m->decision_fd >= 0) {
+	if (d == PROTO_DECIDED_RUN) {
+		if (m->decision_fd < 0 && (r = prepare_decision(m)) < 0)
+			return r;
 		/* Four bytes over four bytes of a synced file: the data is all there is to sync. */
 		if (pwrite(m->decision_fd, "run\n", 4, 0) != 4 || fdatasync(m->decision_fd) < 0) {
 			r = errno ? -errno : -EIO;
 			(void)pwrite(m->decision_fd, "fail", 4, 0);
-			return r;
-		}
-	} else if (d == PROTO_DECIDED_RUN) {
-		char path[PATH_MAX + 96], dir[PATH_MAX + 16];
-		decision_path(a, m->remote_id, m->token, path, sizeof(path));
-		snprintf(dir, sizeof(dir), "%s/decisions", a->cfg.state_dir);
-		int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-		if (fd < 0 || write(fd, "run\n", 4) != 4 || fsync(fd) < 0)
-			r = -errno ? -errno : -EIO;
-		if (fd >= 0)
-			close(fd);
-		int dfd = r == 0 ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
-		if (dfd >= 0) {
-			if (fsync(dfd) < 0)
-				r = -errno;
-			close(dfd);
-		}
-		if (r < 0) {
-			unlink(path);
 			return r;
 		}
 	}
@@ -2139,7 +2127,6 @@ static int dest_postcopy_start(struct migration *m, const void *p, size_t len,
 	 */
 	send_msg(m, PROTO_POSTCOPY_RUNNING, 0, NULL, 0);
 	pthread_mutex_lock(&m->lock);
-	m->postcopy = true;
 	m->info.postcopy = true;
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
@@ -2191,9 +2178,10 @@ static void dest_completed(struct migration *m)
 	m->vm = NULL;
 }
 
-/* POSTCOPY_DONE went out: every page is here; the VM is this agent's for good. */
+/* Every page is here: POSTCOPY_DONE tells the source; the VM is this agent's for good. */
 static void dest_postcopy_finish(struct migration *m)
 {
+	send_msg(m, PROTO_POSTCOPY_DONE, 0, NULL, 0);
 	postcopy_dst_pull_stop(m->pc); /* before the transport its fetches use goes */
 	dest_postcopy_progress(m);
 	drop_dst(m); /* receivers gone: nothing places pages any more */
@@ -2293,7 +2281,7 @@ static void dest_job(struct migration *m)
 	if (r < 0)
 		goto fail;
 	set_state(m, MIG_RECEIVING);
-	prepare_decision(m); /* while the first pages come */
+	(void)prepare_decision(m); /* while the first pages come; else at the decision */
 
 	void *state_blob = NULL;
 	size_t state_len = 0;
@@ -2323,7 +2311,6 @@ static void dest_job(struct migration *m)
 				break;
 			}
 			/* Every page is here: the VM no longer needs the source. */
-			send_msg(m, PROTO_POSTCOPY_DONE, 0, NULL, 0);
 			dest_postcopy_finish(m);
 			free(state_blob);
 			free(dig);
@@ -2465,7 +2452,6 @@ static void dest_job(struct migration *m)
 				send_abort(m, PROTO_E_PROTOCOL, m->info.error);
 				break;
 			}
-			send_msg(m, PROTO_POSTCOPY_DONE, 0, NULL, 0);
 			dest_postcopy_finish(m);
 			free(state_blob);
 			free(dig);
