@@ -995,10 +995,11 @@ static int dst_place_uffd(struct dst_stream *s, struct dst_region *rg, int uffd,
 }
 
 /*
- * The frame's page data, in the bounce buffer, written span by span into the region's file
- * at its offset. The span is marked written before its pwrite, like the memory path.
+ * The frame's page data, in the bounce buffer, into the region span by span: through its
+ * file at the span's offset (pwrite), or copied into the mapping. A span is marked written
+ * before it may hold data, like the receive-into-memory path.
  */
-static int dst_place_file(struct dst_stream *s, struct dst_region *rg,
+static int dst_place_data(struct dst_stream *s, struct dst_region *rg,
 			  const struct proto_pages *ph, char *reason, size_t rlen)
 {
 	size_t at = 0;
@@ -1009,8 +1010,16 @@ static int dst_place_file(struct dst_stream *s, struct dst_region *rg,
 		if (zero)
 			continue;
 		size_t len = (size_t)(j - i) * PAGE;
+		bool fresh = mark_written(rg, ph->first_page + i, j - i);
+		if (rg->fd < 0) {
+			uint8_t *dst = rg->hva + (ph->first_page + i) * PAGE;
+			if (fresh)
+				madvise(dst, len, FERRY_MADV_POPULATE_WRITE);
+			memcpy(dst, s->bounce + at, len);
+			at += len;
+			continue;
+		}
 		off_t off = (off_t)((ph->first_page + i) * PAGE);
-		mark_written(rg, ph->first_page + i, j - i);
 		for (size_t done = 0; done < len;) {
 			ssize_t n = pwrite(rg->fd, s->bounce + at + done, len - done,
 					   off + (off_t)done);
@@ -1029,54 +1038,12 @@ static int dst_place_file(struct dst_stream *s, struct dst_region *rg,
 	return 0;
 }
 
-/* The frame's page data, in the bounce buffer, copied span by span into guest memory. */
-static void dst_place_memory(struct dst_stream *s, struct dst_region *rg,
-			     const struct proto_pages *ph)
+/* The frame's pages, data in the bounce buffer, placed where this region takes them. */
+static int dst_place(struct dst_stream *s, struct dst_region *rg, int uffd,
+		     const struct proto_pages *ph, char *reason, size_t rlen)
 {
-	size_t at = 0;
-
-	for (uint32_t i = 0, j; i < ph->npages; i = j) {
-		bool zero;
-		j = span_end(ph, i, &zero);
-		if (zero)
-			continue;
-		size_t len = (size_t)(j - i) * PAGE;
-		uint8_t *dst = rg->hva + (ph->first_page + i) * PAGE;
-		if (mark_written(rg, ph->first_page + i, j - i))
-			madvise(dst, len, FERRY_MADV_POPULATE_WRITE);
-		memcpy(dst, s->bounce + at, len);
-		at += len;
-	}
-}
-
-/* Postcopy: the frame's page data into the bounce buffer, then placed (dst_place_uffd). */
-static int dst_recv_to_uffd(struct dst_stream *s, struct dst_region *rg, int uffd,
-			    const struct proto_pages *ph, uint64_t data_len, char *reason,
-			    size_t rlen)
-{
-	int r;
-
-	if (data_len) {
-		r = dst_recv_bounce(s, data_len, reason, rlen);
-		if (r < 0)
-			return r;
-	}
-	return dst_place_uffd(s, rg, uffd, ph, reason, rlen);
-}
-
-/* The frame's page data into the bounce buffer, then into the region's file. */
-static int dst_recv_to_file(struct dst_stream *s, struct dst_region *rg,
-			    const struct proto_pages *ph, uint64_t data_len, char *reason,
-			    size_t rlen)
-{
-	int r;
-
-	if (!data_len)
-		return 0;
-	r = dst_recv_bounce(s, data_len, reason, rlen);
-	if (r < 0)
-		return r;
-	return dst_place_file(s, rg, ph, reason, rlen);
+	return uffd >= 0 ? dst_place_uffd(s, rg, uffd, ph, reason, rlen)
+			 : dst_place_data(s, rg, ph, reason, rlen);
 }
 
 /* The frame's pages inside a region of ours? Returns it, or NULL with a reason. */
@@ -1179,12 +1146,7 @@ static int dst_on_pages_zstd(struct dst_stream *s, uint32_t len, char *reason, s
 		return -ECONNRESET;
 	}
 	int uffd = atomic_load_explicit(&rg->uffd, memory_order_acquire);
-	if (uffd >= 0)
-		r = dst_place_uffd(s, rg, uffd, &ph, reason, rlen);
-	else if (rg->fd >= 0)
-		r = dst_place_file(s, rg, &ph, reason, rlen);
-	else
-		dst_place_memory(s, rg, &ph);
+	r = dst_place(s, rg, uffd, &ph, reason, rlen);
 	if (r < 0)
 		return r;
 	dst_frame_done(s, rg, uffd, &ph, data_len, len);
@@ -1227,13 +1189,15 @@ static int dst_on_pages(struct dst_stream *s, uint32_t len, char *reason, size_t
 	if (!rg)
 		return -EPROTO;
 
+	/*
+	 * Straight into the mapping when nothing stands in between; else the data through the
+	 * bounce buffer, then placed (the file, or userfaultfd in postcopy).
+	 */
 	int uffd = atomic_load_explicit(&rg->uffd, memory_order_acquire);
-	if (uffd >= 0)
-		r = dst_recv_to_uffd(s, rg, uffd, &ph, data_len, reason, rlen);
-	else if (rg->fd >= 0)
-		r = dst_recv_to_file(s, rg, &ph, data_len, reason, rlen);
-	else
+	if (uffd < 0 && rg->fd < 0)
 		r = dst_recv_to_memory(s, rg, &ph, reason, rlen);
+	else if (!data_len || (r = dst_recv_bounce(s, data_len, reason, rlen)) == 0)
+		r = dst_place(s, rg, uffd, &ph, reason, rlen);
 	if (r < 0)
 		return r;
 	dst_frame_done(s, rg, uffd, &ph, data_len, len);
@@ -1461,7 +1425,6 @@ static void dst_stats(const struct xport_dst *base, struct xport_dst_stats *ret)
 	ret->pages = atomic_load_explicit(&x->pages, memory_order_relaxed);
 	ret->zero_pages = atomic_load_explicit(&x->zero_pages, memory_order_relaxed);
 	ret->zstd_frames = atomic_load_explicit(&x->zstd_frames, memory_order_relaxed);
-	ret->read_pages = 0;
 	pthread_mutex_lock(&x->lock);
 	ret->streams = x->running;
 	pthread_mutex_unlock(&x->lock);

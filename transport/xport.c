@@ -63,7 +63,7 @@ void xport_src_cancel(struct xport_src *x)
 
 void xport_src_stats(const struct xport_src *x, struct xport_src_stats *ret)
 {
-	*ret = (struct xport_src_stats){0};
+	*ret = (struct xport_src_stats){0}; /* a backend fills what it counts */
 	x->ops->stats(x, ret);
 	/* A backend that never compresses (RDMA) leaves raw_bytes to this: the same bytes. */
 	if (ret->raw_bytes < ret->bytes)
@@ -98,6 +98,7 @@ const char *xport_dst_error(const struct xport_dst *x)
 
 void xport_dst_stats(const struct xport_dst *x, struct xport_dst_stats *ret)
 {
+	*ret = (struct xport_dst_stats){0}; /* a backend fills what it counts */
 	x->ops->stats(x, ret);
 }
 
