@@ -163,6 +163,9 @@ static void caps_probe(const struct vm *vm, struct caps *c)
 static int check_stopped(const struct vm *vm, const char *what, struct vm_error *err)
 {
 	enum vm_run_state s = vm_state(vm);
+	if (s == VM_FAILED) /* say why: that is what an operator needs from this error */
+		return vm_err(err, -EBUSY, "%s needs a paused or never started VM; %s failed: %.160s",
+			      what, vm->cfg.name, vm_failure(vm));
 	if (s != VM_PAUSED && s != VM_CREATED)
 		return vm_err(err, -EBUSY, "%s needs a paused or never started VM; %s is %s", what,
 			      vm->cfg.name, vm_run_state_name(s));
