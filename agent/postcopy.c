@@ -13,8 +13,9 @@
  * Pull mode (cfg.fetch, RDMA): nobody pushes; POSTCOPY_PULLERS threads ("pull-<vm>") fetch
  * every needed page themselves. The fault thread's requests go to a queue they serve first;
  * in between, all but one of them walk the slots for needed pages nobody asked for and fetch
- * them in runs of cfg.pull_pages, so one is always free for the next fault. A needed page that is not `here` may still have
- * arrived through the TCP receivers; mincore on the mapping says whether the memfd holds it
+ * them in runs of cfg.pull_pages, so one is always free for the next fault.
+ *
+ * A needed page that is not `here` may still have arrived through the TCP receivers; mincore on the mapping says whether the memfd holds it
  * without faulting, which is the same test the kernel makes before raising a MISSING fault.
  */
 #include "agent/postcopy.h"
@@ -41,7 +42,6 @@
 
 #define PAGE POSTCOPY_PAGE
 #define MSGS_PER_READ 64u
-/* Successive EAGAINs without progress before a placement gives up. */
 /* How long postcopy_dst_fail lets the pause's kick work before it releases stuck vCPUs. */
 #define RELEASE_AFTER_MS 300
 #define PULL_QUEUE POSTCOPY_MAX_PENDING /* demand runs waiting for a puller */
@@ -326,6 +326,32 @@ static int request_run(struct postcopy_dst *d, uint32_t si, uint64_t page)
 	return 0;
 }
 
+/*
+ * Lists a wait on page `page` of slot si (d->lock held): *known when it is listed already;
+ * else a new entry if there is room. Returns the new entry, or NULL.
+ */
+static struct pc_pending *list_pending_locked(struct postcopy_dst *d, uint32_t si,
+					      uint64_t page, int64_t now, bool *known)
+{
+	struct pc_pending *p = NULL;
+
+	*known = false;
+	for (unsigned i = 0; i < POSTCOPY_MAX_PENDING; i++) {
+		struct pc_pending *q = &d->pending[i];
+		if (q->used && q->slot == si && q->page == page) {
+			*known = true;
+			return NULL;
+		}
+		if (!q->used && !p)
+			p = q;
+	}
+	if (p) {
+		*p = (struct pc_pending){.used = true, .slot = si, .page = page, .t0_ns = now};
+		d->nr_pending++;
+	}
+	return p;
+}
+
 static void on_fault(struct postcopy_dst *d, uint64_t addr, int64_t now)
 {
 	uint64_t page;
@@ -345,22 +371,9 @@ static void on_fault(struct postcopy_dst *d, uint64_t addr, int64_t now)
 		 */
 		atomic_fetch_add_explicit(&d->faults_after_fail, 1, memory_order_relaxed);
 		pthread_mutex_lock(&d->lock);
-		bool rel = atomic_load_explicit(&d->release, memory_order_acquire);
-		if (!rel) {
-			struct pc_pending *free_p = NULL;
-			bool known = false;
-			for (unsigned i = 0; i < POSTCOPY_MAX_PENDING && !known; i++) {
-				struct pc_pending *q = &d->pending[i];
-				known = q->used && q->slot == (uint32_t)si && q->page == page;
-				if (!q->used && !free_p)
-					free_p = q;
-			}
-			if (!known && free_p) {
-				*free_p = (struct pc_pending){
-				    .used = true, .slot = (uint32_t)si, .page = page, .t0_ns = now};
-				d->nr_pending++;
-			}
-		}
+		bool rel = atomic_load_explicit(&d->release, memory_order_acquire), known;
+		if (!rel)
+			list_pending_locked(d, (uint32_t)si, page, now, &known);
 		pthread_mutex_unlock(&d->lock);
 		if (rel)
 			release_page(d, pa);
@@ -391,23 +404,9 @@ static void on_fault(struct postcopy_dst *d, uint64_t addr, int64_t now)
 	}
 
 	/* Track it (once per page) for latency and retries. */
-	struct pc_pending *p = NULL;
 	bool known = false;
 	pthread_mutex_lock(&d->lock);
-	for (unsigned i = 0; i < POSTCOPY_MAX_PENDING; i++) {
-		struct pc_pending *q = &d->pending[i];
-		if (q->used && q->slot == (uint32_t)si && q->page == page) {
-			known = true;
-			break;
-		}
-		if (!q->used && !p)
-			p = q;
-	}
-	if (!known && p) {
-		*p = (struct pc_pending){
-		    .used = true, .slot = (uint32_t)si, .page = page, .t0_ns = now};
-		d->nr_pending++;
-	}
+	struct pc_pending *p = list_pending_locked(d, (uint32_t)si, page, now, &known);
 	if (!known)
 		atomic_fetch_add_explicit(&d->fault_pages, 1, memory_order_relaxed);
 	pthread_mutex_unlock(&d->lock);
