@@ -17,67 +17,10 @@
 bin=${FERRY_BIN:?FERRY_BIN is not set: run this through tests/rdma/run-vm.sh}
 work=$(mktemp -d /tmp/ferry-rdma-pc.XXXXXX)
 fails=0
-ok() { echo "ok - $*"; }
-not_ok() { echo "not ok - $*"; fails=$((fails + 1)); }
-check() { # description command...
-	d=$1
-	shift
-	if "$@" >/dev/null 2>&1; then ok "$d"; else not_ok "$d"; fi
-}
+. "${FERRY_SRC:?FERRY_SRC is not set: run this through tests/rdma/run-vm.sh}/tests/rdma/agents.sh"
+# Throttling off: the guest stays too hot to converge, so the scheduler goes to postcopy.
+start_pc() { start "$1" "$2" "${3:-}" "policy:" "  throttle: false"; }
 
-start() { # name ip [env assignment]
-	cat >"$work/$1.yaml" <<EOC
-name: $1
-log_level: info
-state_dir: $work/$1-state
-control:
-  socket: $work/$1.sock
-migration:
-  listen: $2:7000
-  streams: 2
-policy:
-  throttle: false
-EOC
-	env ${3:-FERRY_NOTHING=1} "$bin/agent/ferryd" --config "$work/$1.yaml" >>"$work/$1.log" 2>&1 &
-	eval "pid_$1=$!"
-	i=0
-	while [ $i -lt 100 ] && ! "$bin/agent/ferryctl" --socket "$work/$1.sock" health >/dev/null 2>&1; do
-		sleep 0.1
-		i=$((i + 1))
-	done
-}
-stop() { # name: SIGTERM; an agent that has not exited 20 s later is a failure (then -9)
-	eval "p=\$pid_$1"
-	kill "$p" 2>/dev/null || return 0
-	j=0
-	while kill -0 "$p" 2>/dev/null && [ $j -lt 200 ]; do sleep 0.1; j=$((j + 1)); done
-	if kill -0 "$p" 2>/dev/null; then
-		not_ok "$1 exits on SIGTERM"
-		for t in /proc/$p/task/*; do
-			echo "# $1 thread $(cat "$t/comm") $(cut -d' ' -f3 "$t/stat") $(cat "$t/wchan" 2>/dev/null)"
-			sed 's/^/#     /' "$t/stack" 2>/dev/null | head -8
-		done
-		kill -9 "$p" 2>/dev/null
-	fi
-	wait "$p" 2>/dev/null
-}
-ctl() { n=$1; shift; "$bin/agent/ferryctl" --socket "$work/$n.sock" "$@"; }
-passes() { ctl "$1" --json vm show "$2" 2>/dev/null | jq -r '.stats.passes // 0'; }
-wait_passes() { # agent vm n seconds
-	i=0
-	while [ $i -lt $(($4 * 10)) ]; do
-		[ "$(passes "$1" "$2")" -ge "$3" ] 2>/dev/null && return 0
-		sleep 0.1
-		i=$((i + 1))
-	done
-	return 1
-}
-goes_on() { # agent vm: one more pass, no guest error, running
-	p=$(passes "$1" "$2")
-	wait_passes "$1" "$2" $((p + 1)) 120 &&
-		[ "$(ctl "$1" --json vm show "$2" | jq -r '.stats.guest_errors')" = 0 ] &&
-		[ "$(ctl "$1" --json vm show "$2" | jq -r .state)" = running ]
-}
 mig_state() { ctl "$1" --json migration show "$2" 2>/dev/null | jq -r .state; }
 hot() { # agent vm: a memcheck guest rewriting 4 MiB over and over
 	ctl "$1" vm create "$2" --memory 64M --vcpus 2 --guest memcheck --param wss=4M >/dev/null ||
@@ -88,8 +31,8 @@ hot() { # agent vm: a memcheck guest rewriting 4 MiB over and over
 incoming() { timeout 10 "$bin/agent/ferryctl" --socket "$work/$1.sock" --json migration list | jq "[.migrations[] | select(.vm == \"$2\" and .direction == \"incoming\")] | last"; }
 
 # ---------------------------------------------------------------- 1. completes, pulled
-start a 10.77.0.1
-start b 10.77.0.2
+start_pc a 10.77.0.1
+start_pc b 10.77.0.2
 if [ "${1:-}" != --lost-only ]; then
 hot a hot
 t0=$(date +%s)
@@ -117,7 +60,7 @@ fi
 # ---------------------------------------------------------------- 2. source killed in postcopy
 if [ "${1:-}" = --lost-source ] || [ "${1:-}" = --lost-only ]; then
 stop b
-start b 10.77.0.2 FERRY_TEST_HOLD=postcopy:4000
+start_pc b 10.77.0.2 FERRY_TEST_HOLD=postcopy:4000
 hot b bystander
 hot a hot2
 id=$(ctl a --json migrate hot2 --to 10.77.0.2:7000 --transport rdma --bandwidth 500K --postcopy | jq -r .id)

@@ -36,6 +36,7 @@
 
 #include "testutil.h"
 #include "tio.h"
+#include "txport.h"
 
 #include "agent/postcopy.h"
 #include "transport/transport.h"
@@ -522,37 +523,12 @@ static void test_on_demand(void **state)
 
 /* ---- the same over the real TCP transport ---- */
 
-/* Connects `streams` data streams from src_fds to dst, playing the agent's STREAM_HELLO part. */
+/* Connects `streams` data streams from src_fds to dst, playing the agent's part. */
 static struct xport_src *connect_streams(unsigned streams, const int *fds, const uint64_t *sizes,
 					 unsigned nr, struct xport_dst *dst, uint64_t bw)
 {
 	struct xport_src_config cfg = {.streams = streams, .bandwidth = bw};
-	struct xport_src *src = NULL;
-	char err[256] = "", hp[64];
-	uint16_t port;
-	int l = tio_listen_any(&port);
-
-	snprintf(hp, sizeof(hp), "127.0.0.1:%u", port);
-	int r = xport_src_tcp_new(&cfg, hp, token, fds, sizes, nr, &src, err, sizeof(err));
-	if (r < 0)
-		fail_msg("xport_src_tcp_new: %s (%s)", strerror(-r), err);
-	for (unsigned i = 0; i < streams; i++) {
-		int fd = accept(l, NULL, NULL);
-		uint8_t hdr[PROTO_HDR_LEN], payload[64];
-		struct proto_hdr h;
-		struct proto_stream_hello sh;
-
-		assert_true(fd >= 0);
-		tio_read_all(fd, hdr, sizeof(hdr));
-		assert_int_equal(proto_hdr_decode(hdr, sizeof(payload), &h), 0);
-		assert_int_equal(h.type, PROTO_STREAM_HELLO);
-		tio_read_all(fd, payload, h.len);
-		assert_int_equal(proto_decode_stream_hello(payload, h.len, &sh, err, sizeof(err)),
-				 0);
-		assert_int_equal(xport_dst_add_stream(dst, fd, sh.stream), 0);
-	}
-	close(l);
-	return src;
+	return tx_src_open(&cfg, token, fds, sizes, nr, dst);
 }
 
 /* Runs of pages of every slot whose bit in map is (want) set, at most BLOCK pages each. */

@@ -36,6 +36,7 @@
 #include <cmocka.h>
 
 #include "tio.h"
+#include "txport.h"
 
 #include "transport/transport.h"
 
@@ -418,61 +419,9 @@ static void bad_runs(void **state)
 
 /* ---------------- bad frames on raw sockets ---------------- */
 
-#define GUARD_PAGES 8u
-#define REG_PAGES 16u
+/* Regions between guard pages: tx_guarded (tests/util/txport.h). */
 
-/* A region of REG_PAGES pages with GUARD_PAGES of patterned memory on each side. */
-struct guarded {
-	uint8_t *map;
-	uint8_t *region;
-	struct xport_dst *dst;
-	int src_fd; /* raw "source" end */
-};
-
-static size_t guarded_len(void)
-{
-	return (size_t)(REG_PAGES + 2 * GUARD_PAGES) * PAGE;
-}
-
-static void guarded_open(struct guarded *g, unsigned streams)
-{
-	int fd;
-
-	g->map = mmap(NULL, guarded_len(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-		      -1, 0);
-	assert_true(g->map != MAP_FAILED);
-	memset(g->map, 0xee, guarded_len());
-	g->region = g->map + GUARD_PAGES * PAGE;
-	memset(g->region, 0x11, REG_PAGES * PAGE);
-	struct xport_region reg = { .hva = g->region, .size = REG_PAGES * PAGE };
-	assert_int_equal(xport_dst_tcp_new(&reg, 1, streams, &g->dst), 0);
-	tio_tcp_pair(&g->src_fd, &fd);
-	assert_int_equal(xport_dst_add_stream(g->dst, fd, 0), 0);
-}
-
-/* Nothing outside the region changed; inside, only what `inside_ok` allows. */
-static void guarded_check(const struct guarded *g, bool region_untouched)
-{
-	for (size_t i = 0; i < GUARD_PAGES * PAGE; i++) {
-		assert_int_equal(g->map[i], 0xee);
-		assert_int_equal(g->region[REG_PAGES * PAGE + i], 0xee);
-	}
-	if (region_untouched)
-		for (size_t i = 0; i < REG_PAGES * PAGE; i++)
-			assert_int_equal(g->region[i], 0x11);
-}
-
-/* The stream must be shut by the destination: our end reads EOF (or a reset). */
-static void assert_peer_closed(int fd)
-{
-	struct pollfd pfd = { .fd = fd, .events = POLLIN };
-	char c;
-
-	assert_int_equal(poll(&pfd, 1, 5000), 1);
-	assert_true(recv(fd, &c, 1, 0) <= 0);
-}
-
-static void guarded_expect_error_at(struct guarded *g, uint64_t fence, int err,
+static void guarded_expect_error_at(struct tx_guarded *g, uint64_t fence, int err,
 				    const char *reason_part)
 {
 	int r = xport_dst_wait_fence(g->dst, fence, 5000);
@@ -486,49 +435,42 @@ static void guarded_expect_error_at(struct guarded *g, uint64_t fence, int err,
 	assert_int_equal(xport_dst_wait_fence(g->dst, 0, 0), err);
 }
 
-static void guarded_expect_error(struct guarded *g, int err, const char *reason_part)
+static void guarded_expect_error(struct tx_guarded *g, int err, const char *reason_part)
 {
 	guarded_expect_error_at(g, 1, err, reason_part);
-}
-
-static void guarded_close(struct guarded *g)
-{
-	xport_dst_free(g->dst);
-	close(g->src_fd);
-	munmap(g->map, guarded_len());
 }
 
 static void write_outside_regions(void **state)
 {
 	(void)state;
 	uint8_t buf[256], page[PAGE];
-	struct guarded g;
+	struct tx_guarded g;
 	size_t n;
 
 	memset(page, 0x77, sizeof(page));
 
 	/* Region id past the end. */
-	guarded_open(&g, 1);
+	tx_guarded_open(&g, 1, false);
 	n = pages_frame_hdr(buf, 7, 0, 1, NULL, PAGE);
 	tio_write_all(g.src_fd, buf, n);
 	tio_write_all(g.src_fd, page, PAGE);
 	guarded_expect_error(&g, -EPROTO, "stream 0: PAGES for region 7 but only 1 regions");
-	assert_peer_closed(g.src_fd);
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_peer_closed(g.src_fd);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* A run that starts inside and ends past the region. */
-	guarded_open(&g, 1);
-	n = pages_frame_hdr(buf, 0, REG_PAGES - 2, 4, NULL, 4 * PAGE);
+	tx_guarded_open(&g, 1, false);
+	n = pages_frame_hdr(buf, 0, TX_REG_PAGES - 2, 4, NULL, 4 * PAGE);
 	tio_write_all(g.src_fd, buf, n);
 	for (int i = 0; i < 4; i++)
 		tio_write_all(g.src_fd, page, PAGE);
 	guarded_expect_error(&g, -EPROTO, "outside region 0");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* A run starting far past the end, and one whose end wraps around 2^64. */
-	guarded_open(&g, 1);
+	tx_guarded_open(&g, 1, false);
 	uint64_t zeros[16];
 	memset(zeros, 0xff, sizeof(zeros));
 	zeros[0] = ~0ull >> (64 - 8); /* all 8 pages zero: no data follows */
@@ -537,11 +479,11 @@ static void write_outside_regions(void **state)
 	memcpy(buf + PROTO_HDR_LEN + 4, &wrap, 8);
 	tio_write_all(g.src_fd, buf, n);
 	guarded_expect_error(&g, -EPROTO, "stream 0: ");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* Valid pages first, then a bad frame: the good write stays, nothing else happens. */
-	guarded_open(&g, 1);
+	tx_guarded_open(&g, 1, false);
 	n = pages_frame_hdr(buf, 0, 3, 1, NULL, PAGE);
 	tio_write_all(g.src_fd, buf, n);
 	tio_write_all(g.src_fd, page, PAGE);
@@ -550,73 +492,73 @@ static void write_outside_regions(void **state)
 	assert_int_equal(xport_dst_wait_fence(g.dst, 1, 5000), 0);
 	assert_int_equal(g.region[3 * PAGE], 0x77);
 	assert_int_equal(g.region[4 * PAGE - 1], 0x77);
-	n = pages_frame_hdr(buf, 0, REG_PAGES, 1, NULL, PAGE);
+	n = pages_frame_hdr(buf, 0, TX_REG_PAGES, 1, NULL, PAGE);
 	tio_write_all(g.src_fd, buf, n);
 	tio_write_all(g.src_fd, page, PAGE);
 	int r = xport_dst_wait_fence(g.dst, 2, 5000);
 	assert_int_equal(r, -EPROTO);
 	assert_non_null(strstr(xport_dst_error(g.dst), "outside region 0"));
-	guarded_check(&g, false);
-	for (unsigned p = 0; p < REG_PAGES; p++)
+	tx_guarded_check(&g, false);
+	for (unsigned p = 0; p < TX_REG_PAGES; p++)
 		assert_int_equal(g.region[p * PAGE], p == 3 ? 0x77 : 0x11);
-	guarded_close(&g);
+	tx_guarded_close(&g);
 }
 
 static void garbage_on_stream(void **state)
 {
 	(void)state;
 	uint8_t buf[512];
-	struct guarded g;
+	struct tx_guarded g;
 	size_t n;
 
 	/* Plain garbage: an HTTP request on a data stream. */
-	guarded_open(&g, 1);
+	tx_guarded_open(&g, 1, false);
 	const char *http = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 	tio_write_all(g.src_fd, http, strlen(http));
 	guarded_expect_error(&g, -EPROTO, "bad frame header");
-	assert_peer_closed(g.src_fd);
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_peer_closed(g.src_fd);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* A well-formed control frame where only data frames belong. */
-	guarded_open(&g, 1);
+	tx_guarded_open(&g, 1, false);
 	n = frame(buf, PROTO_HELLO, "hello", 5);
 	tio_write_all(g.src_fd, buf, n);
 	guarded_expect_error(&g, -EPROTO, "unexpected");
-	guarded_close(&g);
+	tx_guarded_close(&g);
 
 	/* A fence that goes backwards. */
-	guarded_open(&g, 1);
+	tx_guarded_open(&g, 1, false);
 	n = fence_frame(buf, 5);
 	n += fence_frame(buf + n, 4);
 	tio_write_all(g.src_fd, buf, n);
 	/* (Fence 5 itself would be reached before the bad one is read: wait past it.) */
 	guarded_expect_error_at(&g, 6, -EPROTO, "FENCE 4 after FENCE 5");
-	guarded_close(&g);
+	tx_guarded_close(&g);
 
 	/* A PAGES frame whose length disagrees with its header (one page too many). */
-	guarded_open(&g, 1);
+	tx_guarded_open(&g, 1, false);
 	n = pages_frame_hdr(buf, 0, 0, 1, NULL, 2 * PAGE);
 	tio_write_all(g.src_fd, buf, n);
 	guarded_expect_error(&g, -EPROTO, "PAGES");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* A PAGES frame shorter than any header. */
-	guarded_open(&g, 1);
+	tx_guarded_open(&g, 1, false);
 	n = frame(buf, PROTO_PAGES, "abc", 3);
 	tio_write_all(g.src_fd, buf, n);
 	guarded_expect_error(&g, -EPROTO, "no valid header");
-	guarded_close(&g);
+	tx_guarded_close(&g);
 
 	/* A frame cut short by the peer closing. */
-	guarded_open(&g, 1);
+	tx_guarded_open(&g, 1, false);
 	n = pages_frame_hdr(buf, 0, 0, 2, NULL, 2 * PAGE);
 	memset(buf + n, 0x42, 100);
 	tio_write_all(g.src_fd, buf, n + 100);
 	shutdown(g.src_fd, SHUT_WR);
 	guarded_expect_error(&g, -ECONNRESET, "closed mid-frame");
-	guarded_close(&g);
+	tx_guarded_close(&g);
 
 	/*
 	 * Mutated PAGES frames: flip random bytes of a valid header (or truncate the data),
@@ -626,10 +568,10 @@ static void garbage_on_stream(void **state)
 	for (int iter = 0; iter < 200; iter++) {
 		uint8_t data[2 * PAGE];
 		uint64_t zm[16] = { 0 };
-		guarded_open(&g, 1);
+		tx_guarded_open(&g, 1, false);
 		zm[0] = tio_rnd() & 3;
 		uint32_t nz = (uint32_t)__builtin_popcountll(zm[0]);
-		n = pages_frame_hdr(buf, 0, tio_rnd() % REG_PAGES, 2, zm, (2 - nz) * PAGE);
+		n = pages_frame_hdr(buf, 0, tio_rnd() % TX_REG_PAGES, 2, zm, (2 - nz) * PAGE);
 		unsigned flips = 1 + (unsigned)(tio_rnd() % 3);
 		for (unsigned f = 0; f < flips; f++)
 			buf[tio_rnd() % n] ^= (uint8_t)(1u << (tio_rnd() % 8));
@@ -641,8 +583,8 @@ static void garbage_on_stream(void **state)
 		if (r >= 0 || r == -ETIMEDOUT)
 			fail_msg("iteration %d: wait_fence %d", iter, r);
 		assert_true(strlen(xport_dst_error(g.dst)) > 0);
-		guarded_check(&g, false);
-		guarded_close(&g);
+		tx_guarded_check(&g, false);
+		tx_guarded_close(&g);
 	}
 }
 

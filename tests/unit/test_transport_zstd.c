@@ -33,6 +33,7 @@
 #include <zstd.h>
 
 #include "tio.h"
+#include "txport.h"
 
 #include "transport/transport.h"
 
@@ -46,37 +47,13 @@ static const struct pagereader_config small_reader = {
 	.queue_depth = 4, .batch_pages = 64, .nr_buffers = 4
 };
 
-/* Opens a source to a fresh listener and hands every stream to dst (the agent's part). */
+/* A source to dst over `streams` streams (tx_src_open), compressing or not. */
 static struct xport_src *open_src(unsigned streams, bool compress, int src_fd, uint64_t size,
 				  struct xport_dst *dst)
 {
 	struct xport_src_config cfg = { .streams = streams, .reader = small_reader,
 					.compress = compress };
-	struct xport_src *src = NULL;
-	char err[256] = "", hp[64];
-	uint16_t port;
-	int l = tio_listen_any(&port);
-
-	snprintf(hp, sizeof(hp), "127.0.0.1:%u", port);
-	int r = xport_src_tcp_new(&cfg, hp, token, &src_fd, &size, 1, &src, err, sizeof(err));
-	if (r < 0)
-		fail_msg("xport_src_tcp_new: %s (%s)", strerror(-r), err);
-	for (unsigned i = 0; i < streams; i++) {
-		int fd = accept(l, NULL, NULL);
-		uint8_t hdr[PROTO_HDR_LEN], payload[64];
-		struct proto_hdr h;
-		struct proto_stream_hello sh;
-
-		assert_true(fd >= 0);
-		tio_read_all(fd, hdr, sizeof(hdr));
-		assert_int_equal(proto_hdr_decode(hdr, 64, &h), 0);
-		assert_int_equal(h.type, PROTO_STREAM_HELLO);
-		tio_read_all(fd, payload, h.len);
-		assert_int_equal(proto_decode_stream_hello(payload, h.len, &sh, NULL, 0), 0);
-		assert_int_equal(xport_dst_add_stream(dst, fd, sh.stream), 0);
-	}
-	close(l);
-	return src;
+	return tx_src_open(&cfg, token, &src_fd, &size, 1, dst);
 }
 
 /* Page kinds by page number: zero, random, text-like (compressible), half zero. */
@@ -333,50 +310,9 @@ static void compressed_into_uffd(void **state)
 
 /* ---------------- hand-crafted PAGES_ZSTD frames ---------------- */
 
-#define GUARD_PAGES 4u
-#define REG_PAGES 16u
+/* A region between guard pages: tx_guarded (tests/util/txport.h). */
 
-struct guarded {
-	uint8_t *map, *region;
-	struct xport_dst *dst;
-	int fd; /* our raw "source" end */
-};
-
-static size_t guarded_len(void)
-{
-	return (size_t)(REG_PAGES + 2 * GUARD_PAGES) * PAGE;
-}
-
-static void guarded_open(struct guarded *g, bool zstd)
-{
-	int fd;
-
-	g->map = mmap(NULL, guarded_len(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-		      -1, 0);
-	assert_true(g->map != MAP_FAILED);
-	memset(g->map, 0xee, guarded_len());
-	g->region = g->map + GUARD_PAGES * PAGE;
-	memset(g->region, 0x11, REG_PAGES * PAGE);
-	struct xport_region reg = { .hva = g->region, .size = REG_PAGES * PAGE };
-	assert_int_equal(xport_dst_tcp_new(&reg, 1, 1, &g->dst), 0);
-	if (zstd)
-		assert_int_equal(xport_dst_enable_zstd(g->dst), 0);
-	tio_tcp_pair(&g->fd, &fd);
-	assert_int_equal(xport_dst_add_stream(g->dst, fd, 0), 0);
-}
-
-static void guarded_check(const struct guarded *g, bool region_untouched)
-{
-	for (size_t i = 0; i < GUARD_PAGES * PAGE; i++) {
-		assert_int_equal(g->map[i], 0xee);
-		assert_int_equal(g->region[REG_PAGES * PAGE + i], 0xee);
-	}
-	if (region_untouched)
-		for (size_t i = 0; i < REG_PAGES * PAGE; i++)
-			assert_int_equal(g->region[i], 0x11);
-}
-
-static void guarded_expect(struct guarded *g, const char *reason_part)
+static void guarded_expect(struct tx_guarded *g, const char *reason_part)
 {
 	int r = xport_dst_wait_fence(g->dst, 1, 5000);
 
@@ -384,21 +320,10 @@ static void guarded_expect(struct guarded *g, const char *reason_part)
 		fail_msg("wait_fence %d, want an error; reason \"%s\"", r, xport_dst_error(g->dst));
 	if (!strstr(xport_dst_error(g->dst), reason_part))
 		fail_msg("reason \"%s\" lacks \"%s\"", xport_dst_error(g->dst), reason_part);
-	/* Disconnected: our end reads EOF. */
-	struct pollfd pfd = { .fd = g->fd, .events = POLLIN };
-	char c;
-	assert_int_equal(poll(&pfd, 1, 5000), 1);
-	assert_true(recv(g->fd, &c, 1, 0) <= 0);
+	tx_peer_closed(g->src_fd); /* disconnected */
 }
 
-static void guarded_close(struct guarded *g)
-{
-	xport_dst_free(g->dst);
-	close(g->fd);
-	munmap(g->map, guarded_len());
-}
-
-static uint8_t frame_buf[PROTO_HDR_LEN + 2 * PAGE * REG_PAGES];
+static uint8_t frame_buf[PROTO_HDR_LEN + 2 * PAGE * TX_REG_PAGES];
 
 /*
  * A PAGES_ZSTD frame for pages first..first+npages (none zero) of `content` compressed,
@@ -418,21 +343,21 @@ static size_t zframe(uint64_t first, uint32_t npages, const uint8_t *content,
 	return PROTO_HDR_LEN + hl + z;
 }
 
-static uint8_t content[PAGE * (REG_PAGES + 2)];
+static uint8_t content[PAGE * (TX_REG_PAGES + 2)];
 
 static void bad_zstd_frames(void **state)
 {
 	(void)state;
-	struct guarded g;
+	struct tx_guarded g;
 	size_t n;
 
 	for (size_t i = 0; i < sizeof(content); i++)
 		content[i] = (uint8_t)(0x40 + i / 1000);
 
 	/* A good frame lands: the path works before we break it. */
-	guarded_open(&g, true);
+	tx_guarded_open(&g, 1, true);
 	n = zframe(2, 3, content, 3 * PAGE);
-	tio_write_all(g.fd, frame_buf, n);
+	tio_write_all(g.src_fd, frame_buf, n);
 	struct proto_fence f = { .fence = 1 };
 	void *fp;
 	size_t fl;
@@ -441,92 +366,92 @@ static void bad_zstd_frames(void **state)
 	proto_hdr_encode(fb, PROTO_FENCE, (uint32_t)fl);
 	memcpy(fb + PROTO_HDR_LEN, fp, fl);
 	free(fp);
-	tio_write_all(g.fd, fb, PROTO_HDR_LEN + fl);
+	tio_write_all(g.src_fd, fb, PROTO_HDR_LEN + fl);
 	assert_int_equal(xport_dst_wait_fence(g.dst, 1, 5000), 0);
 	assert_memory_equal(g.region + 2 * PAGE, content, 3 * PAGE);
-	guarded_check(&g, false);
-	guarded_close(&g);
+	tx_guarded_check(&g, false);
+	tx_guarded_close(&g);
 
 	/* Oversized: the zstd frame holds a page more than the header's pages. */
-	guarded_open(&g, true);
-	n = zframe(REG_PAGES - 2, 2, content, 3 * PAGE);
-	tio_write_all(g.fd, frame_buf, n);
+	tx_guarded_open(&g, 1, true);
+	n = zframe(TX_REG_PAGES - 2, 2, content, 3 * PAGE);
+	tio_write_all(g.src_fd, frame_buf, n);
 	guarded_expect(&g, "stream 0: bad PAGES_ZSTD: pages_zstd: zstd frame of 12288 bytes");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* Undersized: a page less. */
-	guarded_open(&g, true);
+	tx_guarded_open(&g, 1, true);
 	n = zframe(0, 3, content, 2 * PAGE);
-	tio_write_all(g.fd, frame_buf, n);
+	tio_write_all(g.src_fd, frame_buf, n);
 	guarded_expect(&g, "the header's pages are 12288");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* Corrupt blocks behind a valid frame header: decompression fails, nothing lands. */
-	guarded_open(&g, true);
+	tx_guarded_open(&g, 1, true);
 	n = zframe(0, 4, content, 4 * PAGE);
 	size_t zstart = PROTO_HDR_LEN + PROTO_PAGES_HDR_LEN(4);
 	/* Magic (4) + frame header (2 bytes + content size) + block header (3): then block. */
 	for (size_t i = zstart + 12; i < n; i++)
 		frame_buf[i] = 0xff;
-	tio_write_all(g.fd, frame_buf, n);
+	tio_write_all(g.src_fd, frame_buf, n);
 	guarded_expect(&g, "stream 0: PAGES_ZSTD pages 0..3 of region 0:");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* Trailing bytes after the zstd frame. */
-	guarded_open(&g, true);
+	tx_guarded_open(&g, 1, true);
 	n = zframe(0, 2, content, 2 * PAGE);
 	frame_buf[n] = 0;
 	proto_hdr_encode(frame_buf, PROTO_PAGES_ZSTD, (uint32_t)(n + 1 - PROTO_HDR_LEN));
-	tio_write_all(g.fd, frame_buf, n + 1);
+	tio_write_all(g.src_fd, frame_buf, n + 1);
 	guarded_expect(&g, "bytes follow it");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* Pages outside the region, compressed. */
-	guarded_open(&g, true);
-	n = zframe(REG_PAGES - 1, 2, content, 2 * PAGE);
-	tio_write_all(g.fd, frame_buf, n);
+	tx_guarded_open(&g, 1, true);
+	n = zframe(TX_REG_PAGES - 1, 2, content, 2 * PAGE);
+	tio_write_all(g.src_fd, frame_buf, n);
 	guarded_expect(&g, "PAGES_ZSTD 15..16 outside region 0");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* A frame longer than any raw PAGES frame: refused before its payload is read. */
-	guarded_open(&g, true);
+	tx_guarded_open(&g, 1, true);
 	proto_hdr_encode(frame_buf, PROTO_PAGES_ZSTD, PROTO_PAGES_MAX * PAGE + 8192);
-	tio_write_all(g.fd, frame_buf, PROTO_HDR_LEN);
+	tio_write_all(g.src_fd, frame_buf, PROTO_HDR_LEN);
 	guarded_expect(&g, "PAGES_ZSTD frame of");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* PAGES_ZSTD where ZSTD was not chosen (a v1 migration). */
-	guarded_open(&g, false);
+	tx_guarded_open(&g, 1, false);
 	n = zframe(0, 2, content, 2 * PAGE);
-	tio_write_all(g.fd, frame_buf, n);
+	tio_write_all(g.src_fd, frame_buf, n);
 	guarded_expect(&g, "ZSTD was not chosen");
-	guarded_check(&g, true);
-	guarded_close(&g);
+	tx_guarded_check(&g, true);
+	tx_guarded_close(&g);
 
 	/* Random mutations of a good frame: an error or a landing, never outside the region. */
 	unsigned errors = 0;
 	for (int iter = 0; iter < 150; iter++) {
-		guarded_open(&g, true);
-		n = zframe(tio_rnd() % (REG_PAGES - 3), 3, content, 3 * PAGE);
+		tx_guarded_open(&g, 1, true);
+		n = zframe(tio_rnd() % (TX_REG_PAGES - 3), 3, content, 3 * PAGE);
 		unsigned flips = 1 + (unsigned)(tio_rnd() % 4);
 		for (unsigned k = 0; k < flips; k++) {
 			size_t at = PROTO_HDR_LEN + tio_rnd() % (n - PROTO_HDR_LEN);
 			frame_buf[at] ^= (uint8_t)(1u << (tio_rnd() % 8));
 		}
-		tio_write_all(g.fd, frame_buf, n);
-		shutdown(g.fd, SHUT_WR); /* no fence follows: any wait ends in an error */
+		tio_write_all(g.src_fd, frame_buf, n);
+		shutdown(g.src_fd, SHUT_WR); /* no fence follows: any wait ends in an error */
 		int r = xport_dst_wait_fence(g.dst, 1, 5000);
 		assert_true(r < 0 && r != -ETIMEDOUT);
 		if (r == -EPROTO)
 			errors++;
-		guarded_check(&g, false);
-		guarded_close(&g);
+		tx_guarded_check(&g, false);
+		tx_guarded_close(&g);
 	}
 	assert_true(errors > 0);
 }
