@@ -515,13 +515,14 @@ static void on_message(struct dst_qp *q, unsigned slot, uint32_t len)
 			return;
 		}
 		/* RC ordering: every WRITE posted before this SEND on the queue pair landed. */
+		/* Counted before the waiters wake: a fence seen means its batch is counted. */
+		atomic_fetch_add_explicit(&x->bytes, f.bytes + len, memory_order_relaxed);
+		atomic_fetch_add_explicit(&x->pages, f.pages, memory_order_relaxed);
+		atomic_fetch_add_explicit(&x->zero_pages, f.zero_pages, memory_order_relaxed);
 		q->have_fence = true;
 		q->fence = f.fence;
 		pthread_cond_broadcast(&x->cond);
 		pthread_mutex_unlock(&x->lock);
-		atomic_fetch_add_explicit(&x->bytes, f.bytes + len, memory_order_relaxed);
-		atomic_fetch_add_explicit(&x->pages, f.pages, memory_order_relaxed);
-		atomic_fetch_add_explicit(&x->zero_pages, f.zero_pages, memory_order_relaxed);
 		r = post_recv(q, slot);
 		if (r == 0) {
 			q->to_return++;

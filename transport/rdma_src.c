@@ -602,16 +602,19 @@ static int qp_batch(struct src_qp *s)
 	struct rdma_fence_msg f = { .fence = s->fence, .pages = s->b_pages,
 				    .zero_pages = s->b_zero, .bytes = s->b_bytes };
 	size_t len = rdma_msg_fence(msg, 0, &f);
+	/* Counted before it goes: the destination may report the fence before we would. */
+	atomic_fetch_add_explicit(&x->bytes, len, memory_order_relaxed);
 	r = post_send_msg(s, msg, len, &seq);
-	if (r < 0)
+	if (r < 0) {
+		atomic_fetch_sub_explicit(&x->bytes, len, memory_order_relaxed);
 		return r;
+	}
 	/* Complete (so every WRITE before it is) and acknowledged: the next batch may go. */
 	while (s->done_seq < seq || !s->have_ack || s->acked_fence < s->fence) {
 		r = progress(s, PROGRESS_TIMEOUT_MS);
 		if (r < 0)
 			return r;
 	}
-	atomic_fetch_add_explicit(&x->bytes, len, memory_order_relaxed);
 	return 0;
 }
 

@@ -318,11 +318,17 @@ static int src_stream_batch(struct src_stream *s)
 	r = proto_encode_fence(&f, &payload, &len);
 	if (r < 0)
 		return r;
+	/*
+	 * Counted before it goes: once the FENCE is out, the destination may report it (and a
+	 * reader compare both ends' counts) before this thread would get to count it after.
+	 */
+	atomic_fetch_add_explicit(&s->x->bytes, PROTO_HDR_LEN + len, memory_order_relaxed);
+	atomic_fetch_add_explicit(&s->x->raw_bytes, PROTO_HDR_LEN + len, memory_order_relaxed);
 	r = src_send_frame(s, PROTO_FENCE, payload, len);
 	free(payload);
-	if (r >= 0) {
-		atomic_fetch_add_explicit(&s->x->bytes, PROTO_HDR_LEN + len, memory_order_relaxed);
-		atomic_fetch_add_explicit(&s->x->raw_bytes, PROTO_HDR_LEN + len,
+	if (r < 0) {
+		atomic_fetch_sub_explicit(&s->x->bytes, PROTO_HDR_LEN + len, memory_order_relaxed);
+		atomic_fetch_sub_explicit(&s->x->raw_bytes, PROTO_HDR_LEN + len,
 					  memory_order_relaxed);
 	}
 	return r;
@@ -1229,11 +1235,12 @@ static int dst_on_fence(struct dst_stream *s, uint32_t len, char *reason, size_t
 		pthread_mutex_unlock(&x->lock);
 		return -EPROTO;
 	}
+	/* Counted before the waiters wake, so a fence seen means its bytes are counted too. */
+	atomic_fetch_add_explicit(&x->bytes, PROTO_HDR_LEN + (uint64_t)len, memory_order_relaxed);
 	s->have_fence = true;
 	s->fence = f.fence;
 	pthread_cond_broadcast(&x->cond);
 	pthread_mutex_unlock(&x->lock);
-	atomic_fetch_add_explicit(&x->bytes, PROTO_HDR_LEN + (uint64_t)len, memory_order_relaxed);
 	return 0;
 }
 
