@@ -1453,6 +1453,38 @@ static int postcopy_wait_pull(struct migration *m)
 }
 
 /*
+ * ORs every page the tracker hands out into the postcopy list, holes dropped (a hole was
+ * never written: zero here, and a hole, zero, there too); *missing counts the pages new to
+ * the list. paused: the VM does not run again under this tracking, nothing to re-protect.
+ */
+static int postcopy_list(struct vm *vm, struct tracker *t, struct proto_postcopy_start *ps,
+			 struct tracker_batch *b, bool paused, uint64_t *missing)
+{
+	struct tracker_cursor cur = {0};
+	struct hole_cursor hc = {0};
+	int r;
+
+	_Static_assert(TRACKER_CHUNK_PAGES % 64 == 0, "chunks start on a bitmap word");
+	while ((r = paused ? tracker_take_next_paused(t, &cur, b) : tracker_take_next(t, &cur, b)) >
+	       0) {
+		if (b->slot_index >= ps->nr_slots ||
+		    b->first_page + b->npages > ps->npages[b->slot_index])
+			continue;
+		drop_holes(vm_slot(vm, b->slot_index), b, &hc);
+		/* A chunk starts on a word (TRACKER_CHUNK_PAGES is a multiple of 64): OR words. */
+		uint64_t *dst = ps->bitmap[b->slot_index] + b->first_page / 64;
+		for (uint32_t w = 0; w < (b->npages + 63) / 64; w++) {
+			uint64_t bits = b->bits[w] & ~dst[w];
+			if (w == b->npages / 64) /* the last chunk of a slot may end mid-word */
+				bits &= (1ull << (b->npages % 64)) - 1;
+			dst[w] |= bits;
+			*missing += (uint64_t)__builtin_popcountll(bits);
+		}
+	}
+	return r;
+}
+
+/*
  * Postcopy: pause, send the state and the list of pages the destination lacks, and once it
  * runs the VM (it decided RUN durably first), push those pages while answering its
  * requests first — or, over RDMA, let it pull them. From POSTCOPY_START on this VM never
@@ -1463,8 +1495,6 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 {
 	struct proto_postcopy_start ps = {0};
 	struct tracker_batch *b = malloc(sizeof(*b));
-	struct tracker_cursor cur = {0};
-	struct hole_cursor hc = {0};
 	struct vm_error verr = {{0}};
 	void *buf = NULL, *blob = NULL;
 	size_t len = 0, blob_len = 0;
@@ -1492,18 +1522,12 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 		}
 		ps.flags = PROTO_POSTCOPY_PULL_RDMA;
 	}
-	set_state(m, MIG_SWITCHOVER);
-	pthread_mutex_lock(&m->vm->op_lock);
-	*ret_pause_ns = agent_mono_ns();
-	vm_pause(vm);
-	pthread_mutex_unlock(&m->vm->op_lock);
-	uint64_t t_paused = agent_mono_ns();
-	r = tracker_sync(t, NULL);
-	if (r < 0) {
-		free(b);
-		return mig_fail(m, r, "final harvest: %s", strerror(-r));
-	}
-	/* What the destination lacks: everything still dirty (never sent, or since). */
+	/*
+	 * What the destination lacks: everything still dirty (never sent, or since). Listed
+	 * while the VM still runs, so that at the pause only what the final harvest brings is
+	 * added: a page written after it was listed is logged again (it was re-protected when
+	 * harvested or taken), and a page is in the list however often it is written.
+	 */
 	ps.fence = *fence;
 	ps.nr_slots = vm_nr_slots(vm);
 	for (uint32_t i = 0; i < ps.nr_slots; i++) {
@@ -1514,24 +1538,32 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 			goto out;
 		}
 	}
-	uint64_t missing = 0;
-	_Static_assert(TRACKER_CHUNK_PAGES % 64 == 0, "chunks start on a bitmap word");
-	while ((r = tracker_take_next_paused(t, &cur, b)) > 0) {
-		if (b->slot_index >= ps.nr_slots ||
-		    b->first_page + b->npages > ps.npages[b->slot_index])
-			continue;
-		/* A hole here was never written: zero, and a hole (zero) there too. */
-		drop_holes(vm_slot(vm, b->slot_index), b, &hc);
-		/* A chunk starts on a word (TRACKER_CHUNK_PAGES is a multiple of 64): OR words. */
-		uint64_t *dst = ps.bitmap[b->slot_index] + b->first_page / 64;
-		for (uint32_t w = 0; w < (b->npages + 63) / 64; w++) {
-			uint64_t bits = b->bits[w];
-			if (w == b->npages / 64) /* the last chunk of a slot may end mid-word */
-				bits &= (1ull << (b->npages % 64)) - 1;
-			dst[w] |= bits;
-			missing += (uint64_t)__builtin_popcountll(bits);
-		}
+	uint64_t missing = 0, t_prelist = agent_mono_ns();
+	r = tracker_sync(t, NULL);
+	if (r < 0) {
+		r = mig_fail(m, r, "harvesting the dirty pages: %s", strerror(-r));
+		goto out;
 	}
+	r = postcopy_list(vm, t, &ps, b, false, &missing);
+	if (r < 0) {
+		r = mig_fail(m, r, "collecting the dirty pages: %s", strerror(-r));
+		goto out;
+	}
+	uint64_t prelisted = missing;
+	t_prelist = agent_mono_ns() - t_prelist;
+
+	set_state(m, MIG_SWITCHOVER);
+	pthread_mutex_lock(&m->vm->op_lock);
+	*ret_pause_ns = agent_mono_ns();
+	vm_pause(vm);
+	pthread_mutex_unlock(&m->vm->op_lock);
+	uint64_t t_paused = agent_mono_ns();
+	r = tracker_sync(t, NULL);
+	if (r < 0) {
+		r = mig_fail(m, r, "final harvest: %s", strerror(-r));
+		goto out;
+	}
+	r = postcopy_list(vm, t, &ps, b, true, &missing);
 	if (r < 0) {
 		r = mig_fail(m, r, "collecting the dirty pages: %s", strerror(-r));
 		goto out;
@@ -1585,10 +1617,11 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
 	agent_log(m->a, LOG_INFO, "migration %llu: postcopy: VM %s runs on %s, %llu pages to "
-		  "go%s; downtime %llu ms (here: pause %.1f ms, listing the pages %.1f ms, state "
-		  "%.1f ms; the destination answered %.1f ms later)", (unsigned long long)m->id,
-		  m->info.vm, m->req.dest, (unsigned long long)missing,
-		  pull ? " (pulled by RDMA READ)" : "",
+		  "go%s (%llu listed in %.1f ms before the pause); downtime %llu ms (here: pause "
+		  "%.1f ms, listing the pages %.1f ms, state %.1f ms; the destination answered "
+		  "%.1f ms later)", (unsigned long long)m->id, m->info.vm, m->req.dest,
+		  (unsigned long long)missing, pull ? " (pulled by RDMA READ)" : "",
+		  (unsigned long long)prelisted, t_prelist / 1e6,
 		  (unsigned long long)m->info.downtime_ms, (t_paused - *ret_pause_ns) / 1e6,
 		  (t_listed - t_paused) / 1e6, (t_sent - t_listed) / 1e6,
 		  (agent_mono_ns() - t_sent) / 1e6);
