@@ -13,10 +13,12 @@
 #        auto-converge on               / 256 MiB guest, 64 MiB range
 #   QEMU configurations (--qemu-variants): on cases 1-2 `default` (stock: dirty bitmap,
 #   max-bandwidth left at its default), `ring` (dirty-ring-size=65536 on both sides,
-#   max-bandwidth unlimited) and `ring-multifd` (ring + multifd, 4 channels); on case 3
-#   `default-ac` (dirty bitmap) and `ring-ac` (dirty ring), both with auto-converge and
-#   max-bandwidth=125000000; on request `log-unlimited` (bitmap, unlimited) and `noac`
-#   (bitmap, no auto-converge). --qemu-variants applies to every selected case; on case 3
+#   max-bandwidth unlimited), `ring-multifd` (ring + multifd, 4 channels), `ring-zstd`
+#   (ring-multifd with zstd compression) and `ring-postcopy` (ring + postcopy-ram, postcopy
+#   started right after migrate); on case 3 `default-ac` (dirty bitmap) and `ring-ac` (dirty
+#   ring), both with auto-converge and max-bandwidth=125000000, `ring-zstd-ac` (ring-ac +
+#   multifd zstd) and `ring-postcopy`; on request `log-unlimited` (bitmap, unlimited) and
+#   `noac` (bitmap, no auto-converge). --qemu-variants applies to every selected case; on case 3
 #   every configuration is capped at 125000000.
 #   ferry runs with its defaults (tracker auto, 4 streams, downtime target 300 ms, as
 #   QEMU's downtime-limit, scheduler throttling on), capped with --bandwidth 125000000 on
@@ -41,7 +43,9 @@
 #   --ferry-variants: ferry configurations to run, default `default` (ferry's defaults);
 #   `postcopy` allows postcopy and starts it with no precopy round (policy allow_postcopy,
 #   postcopy_start early, postcopy_precopy_rounds 0): every written page moves once, after
-#   the switch-over; the table names it ferry-TRACKER-postcopy.
+#   the switch-over; the table names it ferry-TRACKER-postcopy. `zstd` and `postcopy-zstd`
+#   are those with `migration.compress: on` (zstd on every link, not only capped ones);
+#   compare them with QEMU's `ring-zstd` (--qemu-variants).
 #   --ferry-yaml adds a line to both agents' ferryd.yaml, right after the migration
 #   section's listen line (so "  streams: 8" sets a migration key, "policy:" opens a
 #   section); repeat it for several lines.
@@ -86,9 +90,15 @@ done
 # The ferryd.yaml policy lines of a ferry variant (after the timeouts' "policy:").
 ferry_variant_policy() {
   case $1 in
-    default) ;;
-    postcopy) printf '%s\n' "  allow_postcopy: true" "  postcopy_start: early" "  postcopy_precopy_rounds: 0" ;;
-    *) echo "vs-qemu: unknown ferry variant $1 (default, postcopy)" >&2; exit 2 ;;
+    default | zstd) ;;
+    postcopy | postcopy-zstd) printf '%s\n' "  allow_postcopy: true" "  postcopy_start: early" "  postcopy_precopy_rounds: 0" ;;
+    *) echo "vs-qemu: unknown ferry variant $1 (default, zstd, postcopy, postcopy-zstd)" >&2; exit 2 ;;
+  esac
+}
+# Its migration-section lines (first in ferryd.yaml's migration section).
+ferry_variant_migration() {
+  case $1 in
+    *zstd) echo "  compress: on" ;;
   esac
 }
 
@@ -145,7 +155,7 @@ case_cap() { case $1 in 3) echo 125000000 ;; *) echo 0 ;; esac; }
 case_variants() {
   if [ -n "$qemu_variants" ]; then echo "${qemu_variants//,/ }"
   elif [ "$1" = 3 ]; then echo default-ac ring-ac ring-zstd-ac ring-postcopy
-  else echo default ring ring-multifd ring-postcopy; fi
+  else echo default ring ring-multifd ring-zstd ring-postcopy; fi
 }
 bytes_of() { numfmt --from=iec "$1"; }
 for c in ${cases//,/ }; do
@@ -201,6 +211,7 @@ ferry_run() {
   # their policy section if they open one.
   local y=() l pol=0 vp=()
   mapfile -t vp < <(ferry_variant_policy "$fv")
+  mapfile -t y < <(ferry_variant_migration "$fv")
   for l in "${ferry_yaml[@]}"; do
     y+=("$l")
     [ "$l" = "policy:" ] && { y+=("${no_timeouts[@]:1}" "${vp[@]}"); pol=1; }
@@ -300,7 +311,8 @@ qemu_run() {
     noac) opts=(--max-bandwidth "$bw") ;;
     ring-postcopy) opts=(--dirty-ring 65536 --max-bandwidth "$bw" --postcopy) ;;
     ring-zstd-ac) opts=(--dirty-ring 65536 --max-bandwidth "$bw" --auto-converge --multifd 4 --multifd-compression zstd) ;;
-    *) die "unknown QEMU variant $v (default, ring, ring-multifd, ring-postcopy, ring-zstd-ac, log-unlimited, default-ac, ring-ac, noac)" ;;
+    ring-zstd) opts=(--dirty-ring 65536 --max-bandwidth "$bw" --multifd 4 --multifd-compression zstd) ;;
+    *) die "unknown QEMU variant $v (default, ring, ring-multifd, ring-postcopy, ring-zstd, ring-zstd-ac, log-unlimited, default-ac, ring-ac, noac)" ;;
   esac
   out=$(python3 "$here/qemu_migrate.py" --qemu "$qemu" --img "$img" --memory "$mem" \
     --workdir "$tmp/qemu-c$c-r$rep-$v" --variant "$v" --timeout "$timeout" \
