@@ -107,44 +107,12 @@ static struct xport_src *open_src_hold(unsigned streams, uint64_t bw,
 				       uint64_t hold_mask)
 {
 	struct xport_src_config cfg = { .streams = streams, .bandwidth = bw };
-	struct xport_src *src = NULL;
-	char err[256] = "";
-	char hp[64];
-	uint16_t port;
-	int l = tio_listen_any(&port);
 
 	if (rc)
 		cfg.reader = *rc;
-	snprintf(hp, sizeof(hp), "127.0.0.1:%u", port);
-	/* The listener's backlog completes every connect before anyone accepts. */
-	int r = xport_src_tcp_new(&cfg, hp, token, &src_fd, &size, 1, &src, err, sizeof(err));
-	if (r < 0)
-		fail_msg("xport_src_tcp_new: %s (%s)", strerror(-r), err);
+	struct xport_src *src =
+		tx_src_open_hold(&cfg, token, &src_fd, &size, 1, dst, held_fds, hold_mask);
 	assert_string_equal(xport_src_name(src), "tcp");
-
-	bool seen[XPORT_MAX_STREAMS] = { false };
-	for (unsigned i = 0; i < streams; i++) {
-		int fd = accept(l, NULL, NULL);
-		uint8_t hdr[PROTO_HDR_LEN], payload[64];
-		struct proto_hdr h;
-		struct proto_stream_hello sh;
-
-		assert_true(fd >= 0);
-		tio_read_all(fd, hdr, sizeof(hdr));
-		assert_int_equal(proto_hdr_decode(hdr, 64, &h), 0);
-		assert_int_equal(h.type, PROTO_STREAM_HELLO);
-		tio_read_all(fd, payload, h.len);
-		assert_int_equal(proto_decode_stream_hello(payload, h.len, &sh, err, sizeof(err)), 0);
-		assert_memory_equal(sh.token, token, XPORT_TOKEN_LEN);
-		assert_true(sh.stream < streams);
-		assert_false(seen[sh.stream]);
-		seen[sh.stream] = true;
-		if (dst && !((hold_mask >> sh.stream) & 1))
-			assert_int_equal(xport_dst_add_stream(dst, fd, sh.stream), 0);
-		else
-			held_fds[sh.stream] = fd;
-	}
-	close(l);
 	return src;
 }
 

@@ -23,6 +23,14 @@ struct xport_src *tx_src_open(const struct xport_src_config *cfg,
 			      const uint8_t token[XPORT_TOKEN_LEN], const int *fds,
 			      const uint64_t *sizes, unsigned nr, struct xport_dst *dst)
 {
+	return tx_src_open_hold(cfg, token, fds, sizes, nr, dst, NULL, 0);
+}
+
+struct xport_src *tx_src_open_hold(const struct xport_src_config *cfg,
+				   const uint8_t token[XPORT_TOKEN_LEN], const int *fds,
+				   const uint64_t *sizes, unsigned nr, struct xport_dst *dst,
+				   int *held_fds, uint64_t hold_mask)
+{
 	struct xport_src *src = NULL;
 	char err[256] = "", hp[64];
 	uint16_t port;
@@ -51,7 +59,12 @@ struct xport_src *tx_src_open(const struct xport_src_config *cfg,
 		assert_true(sh.stream < cfg->streams);
 		assert_false(seen[sh.stream]);
 		seen[sh.stream] = true;
-		assert_int_equal(xport_dst_add_stream(dst, fd, sh.stream), 0);
+		if (dst && !((hold_mask >> sh.stream) & 1)) {
+			assert_int_equal(xport_dst_add_stream(dst, fd, sh.stream), 0);
+		} else {
+			assert_non_null(held_fds);
+			held_fds[sh.stream] = fd;
+		}
 	}
 	close(l);
 	return src;

@@ -21,6 +21,13 @@ struct xport_src *tx_src_open(const struct xport_src_config *cfg,
 			      const uint8_t token[XPORT_TOKEN_LEN], const int *fds,
 			      const uint64_t *sizes, unsigned nr, struct xport_dst *dst);
 
+/* The same, but a stream whose bit is set in hold_mask (or every one, dst NULL) is not
+ * handed over: its raw fd goes to held_fds[index], for nobody to read. */
+struct xport_src *tx_src_open_hold(const struct xport_src_config *cfg,
+				   const uint8_t token[XPORT_TOKEN_LEN], const int *fds,
+				   const uint64_t *sizes, unsigned nr, struct xport_dst *dst,
+				   int *held_fds, uint64_t hold_mask);
+
 /* Our end of a stream must be shut by the destination: it reads EOF (or a reset). */
 void tx_peer_closed(int fd);
 
