@@ -421,7 +421,7 @@ static void write_outside_regions(void **state)
 	tx_guarded_open(&g, 1, false);
 	n = pages_frame_hdr(buf, 7, 0, 1, NULL, PAGE);
 	tio_write_all(g.src_fd, buf, n);
-	tio_write_all(g.src_fd, page, PAGE);
+	tio_write_refused(g.src_fd, page, PAGE);
 	guarded_expect_error(&g, -EPROTO, "stream 0: PAGES for region 7 but only 1 regions");
 	tx_peer_closed(g.src_fd);
 	tx_guarded_check(&g, true);
@@ -432,7 +432,7 @@ static void write_outside_regions(void **state)
 	n = pages_frame_hdr(buf, 0, TX_REG_PAGES - 2, 4, NULL, 4 * PAGE);
 	tio_write_all(g.src_fd, buf, n);
 	for (int i = 0; i < 4; i++)
-		tio_write_all(g.src_fd, page, PAGE);
+		tio_write_refused(g.src_fd, page, PAGE);
 	guarded_expect_error(&g, -EPROTO, "outside region 0");
 	tx_guarded_check(&g, true);
 	tx_guarded_close(&g);
@@ -462,7 +462,7 @@ static void write_outside_regions(void **state)
 	assert_int_equal(g.region[4 * PAGE - 1], 0x77);
 	n = pages_frame_hdr(buf, 0, TX_REG_PAGES, 1, NULL, PAGE);
 	tio_write_all(g.src_fd, buf, n);
-	tio_write_all(g.src_fd, page, PAGE);
+	tio_write_refused(g.src_fd, page, PAGE);
 	int r = xport_dst_wait_fence(g.dst, 2, 5000);
 	assert_int_equal(r, -EPROTO);
 	assert_non_null(strstr(xport_dst_error(g.dst), "outside region 0"));

@@ -86,6 +86,22 @@ void tio_write_all(int fd, const void *p, size_t n)
 	}
 }
 
+void tio_write_refused(int fd, const void *p, size_t n)
+{
+	const uint8_t *b = p;
+
+	while (n) {
+		ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0 && (errno == EPIPE || errno == ECONNRESET))
+			return;
+		assert_true(w > 0);
+		b += w;
+		n -= (size_t)w;
+	}
+}
+
 void tio_read_all(int fd, void *p, size_t n)
 {
 	uint8_t *b = p;

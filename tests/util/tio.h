@@ -27,6 +27,10 @@ int tio_listen_any(uint16_t *ret_port);
 /* A connected loopback TCP pair: *a is the "source" end, *b the accepted one. */
 void tio_tcp_pair(int *a, int *b);
 void tio_write_all(int fd, const void *p, size_t n);
+
+/* The payload of a frame the peer refuses from its header: sent like tio_write_all, but
+ * the peer may already have closed (EPIPE, ECONNRESET), which ends it quietly. */
+void tio_write_refused(int fd, const void *p, size_t n);
 void tio_read_all(int fd, void *p, size_t n);
 
 /* A memfd of `size` bytes, mapped shared; *ret_fd stays open. */
