@@ -4,6 +4,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stdbool.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -72,7 +73,8 @@ void tio_tcp_pair(int *a, int *b)
 	close(l);
 }
 
-void tio_write_all(int fd, const void *p, size_t n)
+/* Sends all n bytes; with refused_ok a peer that closed (EPIPE, ECONNRESET) ends it. */
+static void write_all(int fd, const void *p, size_t n, bool refused_ok)
 {
 	const uint8_t *b = p;
 
@@ -80,26 +82,22 @@ void tio_write_all(int fd, const void *p, size_t n)
 		ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
 		if (w < 0 && errno == EINTR)
 			continue;
+		if (w < 0 && refused_ok && (errno == EPIPE || errno == ECONNRESET))
+			return;
 		assert_true(w > 0);
 		b += w;
 		n -= (size_t)w;
 	}
 }
 
+void tio_write_all(int fd, const void *p, size_t n)
+{
+	write_all(fd, p, n, false);
+}
+
 void tio_write_refused(int fd, const void *p, size_t n)
 {
-	const uint8_t *b = p;
-
-	while (n) {
-		ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w < 0 && (errno == EPIPE || errno == ECONNRESET))
-			return;
-		assert_true(w > 0);
-		b += w;
-		n -= (size_t)w;
-	}
+	write_all(fd, p, n, true);
 }
 
 void tio_read_all(int fd, void *p, size_t n)
