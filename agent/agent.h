@@ -191,6 +191,7 @@ struct migration_info {
 	uint64_t total_time_ms;
 	uint64_t setup_time_ms;
 	uint64_t downtime_ms;
+	uint64_t downtime_us; /* the same, in microseconds */
 	char error[256];
 	/* The scheduler's last decision (see agent_migration_history for all of them). */
 	char decision[16];         /* "continue", "throttle", "switchover", ... or "" */

@@ -553,6 +553,7 @@ static json_t *migration_json(const struct migration_info *m)
 	put(o, "setup_time_ms",
 	    done || m->setup_time_ms ? uint_json(m->setup_time_ms) : json_null());
 	put(o, "downtime_ms", done ? uint_json(m->downtime_ms) : json_null());
+	put(o, "downtime_us", done ? uint_json(m->downtime_us) : json_null());
 	put(o, "error", text_or_null(m->error));
 	put(o, "decision", text_or_null(m->decision));
 	put(o, "decision_reason", text_or_null(m->decision_reason));
@@ -1320,7 +1321,7 @@ static double m_pages_normal(const struct migration_info *m) { return (double)m-
 static double m_pages_zero(const struct migration_info *m) { return (double)m->pages_zero; }
 static double m_downtime(const struct migration_info *m)
 {
-	return m->finished_unix_ms || migration_final(m->state) ? (double)m->downtime_ms : NAN;
+	return m->finished_unix_ms || migration_final(m->state) ? (double)m->downtime_us / 1000.0 : NAN;
 }
 static double m_total(const struct migration_info *m)
 {

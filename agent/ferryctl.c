@@ -675,10 +675,12 @@ static void print_migration(const json_t *m)
 	printf("started:           %s\n", time_text((int64_t)num(m, "started"), t1, sizeof(t1)));
 	printf("finished:          %s\n", time_text((int64_t)num(m, "finished"), t2, sizeof(t2)));
 	if (json_is_number(json_object_get(m, "total_time_ms")))
-		printf("total time:        %llu ms (setup %llu ms, downtime %llu ms)\n",
+		printf("total time:        %llu ms (setup %llu ms, downtime %.2f ms)\n",
 		       (unsigned long long)num(m, "total_time_ms"),
 		       (unsigned long long)num(m, "setup_time_ms"),
-		       (unsigned long long)num(m, "downtime_ms"));
+		       json_is_number(json_object_get(m, "downtime_us"))
+			   ? num(m, "downtime_us") / 1000.0
+			   : num(m, "downtime_ms"));
 	if (json_is_integer(json_object_get(m, "queue_position")))
 		printf("queue position:    %llu\n", (unsigned long long)num(m, "queue_position"));
 	if (str(m, "decision")[0])

@@ -1617,7 +1617,8 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	free(buf);
 	/* Downtime ends here: the VM runs on the destination (pages may still be missing). */
 	pthread_mutex_lock(&m->lock);
-	m->info.downtime_ms = (agent_mono_ns() - *ret_pause_ns) / 1000000ull;
+	m->info.downtime_us = (agent_mono_ns() - *ret_pause_ns) / 1000ull;
+	m->info.downtime_ms = m->info.downtime_us / 1000;
 	m->info.postcopy = true;
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
@@ -1769,8 +1770,10 @@ static void source_job(struct migration *m)
 	}
 	if (r == PROTO_DECIDED_RUN) {
 		pthread_mutex_lock(&m->lock);
-		if (!m->info.postcopy)
-			m->info.downtime_ms = (agent_mono_ns() - t_pause) / 1000000ull;
+		if (!m->info.postcopy) {
+			m->info.downtime_us = (agent_mono_ns() - t_pause) / 1000ull;
+			m->info.downtime_ms = m->info.downtime_us / 1000;
+		}
 		m->info.error[0] = '\0';
 		/* The destination commits a verified migration only when the digests matched. */
 		m->info.verified = m->info.verify;

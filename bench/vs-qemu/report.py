@@ -4,11 +4,17 @@
 
 Per case and configuration: the median over the completed runs of total time, downtime
 and bytes sent, how many runs completed, and whether every completed run's destination
-kept running the guest. Per case, the best QEMU figure is each metric's minimum over the
-medians of the QEMU configurations that completed at least one run (the most demanding
-comparison for ferry), and the ferry/QEMU ratios are checked
-against the goals (total <= 0.5x, downtime <= 0.1x, bytes <= 0.6x). Then the same as CSV:
-one "run" row per migration, one "median" row per configuration, one "ratio" row per case.
+kept running the guest. The ferry/QEMU ratios are checked against the goals (total <= 0.5x,
+downtime <= 0.1x, bytes <= 0.6x) on two bases per case:
+  best  each metric's minimum over the medians of every QEMU configuration that completed at
+        least one run (postcopy, multifd and compression included: the most demanding
+        comparison for ferry);
+  ring  QEMU's best configuration as the benchmark's brief names it: the dirty ring with
+        bandwidth unlimited (`ring`; `ring-ac`, auto-converge under the cap, in case 3).
+Downtimes are printed to 0.1 ms where a figure has a fraction (ferry's come from its
+microsecond downtime_us; QEMU's are whole milliseconds). Then the same as CSV: one "run" row
+per migration, one "median" row per configuration, one "ratio" row per case, ferry
+configuration and basis.
 """
 import argparse
 import csv
@@ -19,6 +25,9 @@ import sys
 
 GOALS = {"total_ms": 0.5, "downtime_ms": 0.1, "bytes": 0.6}
 METRICS = ("total_ms", "downtime_ms", "bytes")
+# The brief's "best" QEMU configuration: dirty ring on, bandwidth unlimited (case 3: capped,
+# with auto-converge).
+RING = ("ring", "ring-ac")
 
 
 def med(xs):
@@ -28,6 +37,12 @@ def med(xs):
 
 def fmt_ms(x):
     return "-" if x is None else "%d" % round(x)
+
+
+def fmt_down(x):
+    if x is None:
+        return "-"
+    return "%d" % x if float(x).is_integer() else "%.1f" % x
 
 
 def fmt_mib(x):
@@ -71,23 +86,29 @@ def main():
         q = [s for s in summary if s["case"] == c and s["system"] == "qemu"
              and s["completed"] > 0]
         f = [s for s in summary if s["case"] == c and s["system"] == "ferry"]
-        best = {}
-        for m in METRICS:
-            vals = [(s[m], s["variant"]) for s in q if s[m] is not None]
-            best[m] = min(vals) if vals else (None, None)
-        for fs in f:
-            rt = {"case": c, "variant": fs["variant"], "ferry_completed": fs["completed"] == fs["runs"]}
+        bases = []
+        for basis, qs in (("best", q), ("ring", [s for s in q if s["variant"] in RING])):
+            best = {}
             for m in METRICS:
-                b, bv = best[m]
-                rt[m + "_best_qemu"] = b
-                rt[m + "_best_qemu_variant"] = bv
-                if fs["completed"] == fs["runs"] and fs[m] is not None and b:
-                    rt[m] = fs[m] / b
-                    rt[m + "_met"] = rt[m] <= GOALS[m]
-                else:
-                    rt[m] = None
-                    rt[m + "_met"] = False
-            ratios.append(rt)
+                vals = [(s[m], s["variant"]) for s in qs if s[m] is not None]
+                best[m] = min(vals) if vals else (None, None)
+            if any(b for b, _ in best.values()):
+                bases.append((basis, best))
+        for fs in f:
+            for basis, best in bases:
+                rt = {"case": c, "variant": fs["variant"], "basis": basis,
+                      "ferry_completed": fs["completed"] == fs["runs"]}
+                for m in METRICS:
+                    b, bv = best[m]
+                    rt[m + "_best_qemu"] = b
+                    rt[m + "_best_qemu_variant"] = bv
+                    if fs["completed"] == fs["runs"] and fs[m] is not None and b:
+                        rt[m] = fs[m] / b
+                        rt[m + "_met"] = rt[m] <= GOALS[m]
+                    else:
+                        rt[m] = None
+                        rt[m + "_met"] = False
+                ratios.append(rt)
 
     out = sys.stdout
     hdr = "%-4s %-26s %-6s %-18s %-18s %9s %8s %10s %-8s" % (
@@ -109,13 +130,13 @@ def main():
                 sent = "(%s)" % fmt_mib(s["bytes_unfinished"])
             print("%-4s %-26s %-6s %-18s %-18s %9s %8s %10s %-8s" % (
                 c, guest, s["system"], s["variant"], res, fmt_ms(s["total_ms"]),
-                fmt_ms(s["downtime_ms"]), sent,
+                fmt_down(s["downtime_ms"]), sent,
                 "running" if s["dest_running"] else "-"), file=out)
         for rt in [r for r in ratios if r["case"] == c]:
             def rs(m):
                 return "-" if rt[m] is None else "%.2fx" % rt[m]
             print("%-4s %-26s %-6s %-18s %-18s %9s %8s %10s" % (
-                c, "", "ratio", "ferry/QEMU best", rt["variant"], rs("total_ms"),
+                c, "", "ratio", "ferry/QEMU " + rt["basis"], rt["variant"], rs("total_ms"),
                 rs("downtime_ms"), rs("bytes")), file=out)
             print("%-4s %-26s %-6s %-18s %-18s %9s %8s %10s" % (
                 c, "", "goal", "<=0.5 / 0.1 / 0.6", "",
@@ -125,7 +146,7 @@ def main():
             bv = ", ".join("%s from %s" % (m.replace("_ms", ""), rt[m + "_best_qemu_variant"])
                            for m in METRICS if rt[m + "_best_qemu_variant"])
             if bv:
-                print("%-4s %-26s # best QEMU: %s" % (c, "", bv), file=out)
+                print("%-4s %-26s # QEMU %s: %s" % (c, "", rt["basis"], bv), file=out)
     notes = [(s["case"], s["system"], s["variant"], s["notes"]) for s in summary if s["notes"]]
     for c, system, variant, n in notes:
         print("# note case %s %s %s: %s" % (c, system, variant, n), file=out)
@@ -146,7 +167,7 @@ def main():
                     s["system"], s["variant"], s["result"], s["total_ms"], s["downtime_ms"],
                     s["bytes"], s["dest_running"]])
     for rt in ratios:
-        w.writerow(["ratio", rt["case"], "", "", "", "", "ferry/qemu-best", rt["variant"],
+        w.writerow(["ratio", rt["case"], "", "", "", "", "ferry/qemu-" + rt["basis"], rt["variant"],
                     "goals " + " ".join("%s:%s" % (m, "met" if rt[m + "_met"] else "not-met")
                                         for m in METRICS),
                     *[None if rt[m] is None else round(rt[m], 3) for m in METRICS], ""])

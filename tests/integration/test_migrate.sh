@@ -26,8 +26,9 @@ start_agent host-b 127.0.0.1:0 ""
 create_memcheck host-a mc
 check "memcheck runs on host-a" wait_passes host-a mc 2
 check "migrate host-a -> host-b (verify)" migrate_ok host-a host-b mc --verify
-check "record: downtime, total and setup time, bytes" jq -e \
-  '.downtime_ms > 0 and .total_time_ms >= .downtime_ms and .setup_time_ms >= 0 and .bytes_sent > 0 and .verified == true' \
+check "record: downtime (ms and µs), total and setup time, bytes" jq -e \
+  '.downtime_ms > 0 and .total_time_ms >= .downtime_ms and .setup_time_ms >= 0 and .bytes_sent > 0 and .verified == true
+   and .downtime_us >= .downtime_ms * 1000 and .downtime_us < (.downtime_ms + 1) * 1000' \
   "$tmp/last-record.json"
 check "guest goes on on host-b, no error" guest_goes_on host-b mc
 check "host-a holds no copy" absent host-a mc

@@ -156,6 +156,8 @@ static void back_and_forth(void **state)
 			      (unsigned long long)mi.setup_time_ms,
 			      (unsigned long long)mi.downtime_ms);
 		assert_true(mi.downtime_ms <= mi.total_time_ms);
+		assert_true(mi.downtime_us > 0);
+		assert_int_equal(mi.downtime_us / 1000, mi.downtime_ms);
 		check_only_on(to, from, "mc");
 		/* The guest goes on where it was and finds every page right. */
 		uint64_t before = passes(to, "mc");
