@@ -203,6 +203,14 @@ static uint64_t num(const json_t *o, const char *k)
 	return d > 0 ? (uint64_t)d : 0;
 }
 
+/* A migration's downtime in milliseconds: downtime_us where the agent gives it. */
+static double downtime(const json_t *m)
+{
+	if (json_is_number(json_object_get(m, "downtime_us")))
+		return (double)num(m, "downtime_us") / 1000.0;
+	return (double)num(m, "downtime_ms");
+}
+
 static double real(const json_t *o, const char *k)
 {
 	return json_number_value(json_object_get(o, k));
@@ -677,10 +685,7 @@ static void print_migration(const json_t *m)
 	if (json_is_number(json_object_get(m, "total_time_ms")))
 		printf("total time:        %llu ms (setup %llu ms, downtime %.2f ms)\n",
 		       (unsigned long long)num(m, "total_time_ms"),
-		       (unsigned long long)num(m, "setup_time_ms"),
-		       json_is_number(json_object_get(m, "downtime_us"))
-			   ? num(m, "downtime_us") / 1000.0
-			   : num(m, "downtime_ms"));
+		       (unsigned long long)num(m, "setup_time_ms"), downtime(m));
 	if (json_is_integer(json_object_get(m, "queue_position")))
 		printf("queue position:    %llu\n", (unsigned long long)num(m, "queue_position"));
 	if (str(m, "decision")[0])
@@ -868,10 +873,10 @@ static int cmd_evacuate(struct ctl *ctl, const struct opts *o)
 				bool ok = !strcmp(str(m, "state"), "completed");
 				failed |= !ok;
 				if (!ctl->json)
-					printf("%s -> %s: %s in %llu ms (downtime %llu ms)%s%s\n",
+					printf("%s -> %s: %s in %llu ms (downtime %.1f ms)%s%s\n",
 					       str(it, "vm"), str(it, "to"), str(m, "state"),
 					       (unsigned long long)num(m, "total_time_ms"),
-					       (unsigned long long)num(m, "downtime_ms"),
+					       downtime(m),
 					       ok ? "" : ": ", ok ? "" : str(m, "error"));
 				json_array_append(finals, m);
 			}
@@ -975,10 +980,9 @@ static void summary(const json_t *m)
 	printf("migration %llu %s: %s -> %s", (unsigned long long)num(m, "id"), s, str(m, "vm"),
 	       str(m, "peer"));
 	if (json_is_number(json_object_get(m, "total_time_ms")))
-		printf(" in %.2f s (setup %llu ms, downtime %llu ms)",
+		printf(" in %.2f s (setup %llu ms, downtime %.1f ms)",
 		       (double)num(m, "total_time_ms") / 1000.0,
-		       (unsigned long long)num(m, "setup_time_ms"),
-		       (unsigned long long)num(m, "downtime_ms"));
+		       (unsigned long long)num(m, "setup_time_ms"), downtime(m));
 	printf(", %s sent (%llu pages, %llu zero pages) over %s%s\n",
 	       size_text(num(m, "bytes_sent"), sent, sizeof(sent)),
 	       (unsigned long long)num(m, "pages_normal"), (unsigned long long)num(m, "pages_zero"),

@@ -1623,12 +1623,12 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
 	agent_log(m->a, LOG_INFO, "migration %llu: postcopy: VM %s runs on %s, %llu pages to "
-		  "go%s (%llu listed in %.1f ms before the pause); downtime %llu ms (here: pause "
+		  "go%s (%llu listed in %.1f ms before the pause); downtime %.1f ms (here: pause "
 		  "%.1f ms, final harvest %.1f ms, listing the pages %.1f ms, state %.1f ms; the "
 		  "destination answered %.1f ms later)", (unsigned long long)m->id, m->info.vm,
 		  m->req.dest, (unsigned long long)missing, pull ? " (pulled by RDMA READ)" : "",
 		  (unsigned long long)prelisted, t_prelist / 1e6,
-		  (unsigned long long)m->info.downtime_ms, (t_paused - *ret_pause_ns) / 1e6,
+		  m->info.downtime_us / 1e3, (t_paused - *ret_pause_ns) / 1e6,
 		  (t_harvested - t_paused) / 1e6, (t_listed - t_harvested) / 1e6,
 		  (t_sent - t_listed) / 1e6,
 		  (agent_mono_ns() - t_sent) / 1e6);
