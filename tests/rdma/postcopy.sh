@@ -34,16 +34,32 @@ incoming() { timeout 10 "$bin/agent/ferryctl" --socket "$work/$1.sock" --json mi
 start_pc a 10.77.0.1
 start_pc b 10.77.0.2
 if [ "${1:-}" != --lost-only ]; then
-hot a hot
-t0=$(date +%s)
-ctl a --json migrate hot --to 10.77.0.2:7000 --transport rdma --bandwidth 500K --postcopy \
-	--wait >"$work/a.json"
+# The guest itself may die under nested KVM in this TCG VM before any migration starts (seen:
+# a triple fault at rip 0xfff0 on the source; tests/rdma/README.md): ferry refuses to move
+# a failed VM. That is reported with its reason, and the case is run once more with a fresh
+# guest. A guest that fails during or after the migration is never retried.
+attempt=1
+while :; do
+	hot a hot
+	t0=$(date +%s)
+	ctl a --json migrate hot --to 10.77.0.2:7000 --transport rdma --bandwidth 500K \
+		--postcopy --wait >"$work/a.json"
+	[ -s "$work/a.json" ] && break
+	why=$(ctl a --json vm show hot | jq -r 'select(.state == "failed") | .failure // "?"')
+	if [ -z "$why" ] || [ $attempt -ge 2 ]; then
+		echo "# no migration record; source VM: $(ctl a --json vm show hot | jq -c '{state,failure}')"
+		break
+	fi
+	echo "# the source guest failed before the migration: $why; once more with a fresh guest"
+	ctl a vm delete hot >/dev/null || not_ok "delete the failed hot on a"
+	attempt=$((attempt + 1))
+done
 incoming b hot >"$work/b.json"
 echo "# $(($(date +%s) - t0)) s; source: $(jq -c '{state,transport,postcopy,round,bytes_sent,downtime_ms,total_time_ms,decision,error}' "$work/a.json")"
 echo "# destination: $(jq -c '{state,transport,postcopy,pages_rdma_read,remaining_bytes,error}' "$work/b.json")"
 actions=$(ctl a --json migration history "$(jq -r .id "$work/a.json")" | jq -r '[.history[].action] | join(",")')
 echo "# decisions: $actions"
-if jq -e '.state == "completed" and .transport == "rdma" and .postcopy == true' "$work/a.json" >/dev/null; then
+if [ -s "$work/a.json" ] && jq -e '.state == "completed" and .transport == "rdma" and .postcopy == true' "$work/a.json" >/dev/null; then
 	ok "a -> b over rdma, completed in postcopy"
 else
 	not_ok "a -> b over rdma in postcopy"
