@@ -567,6 +567,13 @@ static void drop_holes(const struct vm_slot *s, struct tracker_batch *b, struct 
 
 static int sched_tick(struct migration *m, uint64_t remaining_pages);
 
+/* The record's downtime: from pause_ns (agent_mono_ns) to now (m->lock held). */
+static void set_downtime_locked(struct migration *m, uint64_t pause_ns)
+{
+	m->info.downtime_us = (agent_mono_ns() - pause_ns) / 1000ull;
+	m->info.downtime_ms = m->info.downtime_us / 1000;
+}
+
 /* The record's byte and page counts from the transport (m->lock held). */
 static void sent_locked(struct migration *m)
 {
@@ -1617,8 +1624,7 @@ static int source_postcopy(struct migration *m, struct vm *vm, struct tracker *t
 	free(buf);
 	/* Downtime ends here: the VM runs on the destination (pages may still be missing). */
 	pthread_mutex_lock(&m->lock);
-	m->info.downtime_us = (agent_mono_ns() - *ret_pause_ns) / 1000ull;
-	m->info.downtime_ms = m->info.downtime_us / 1000;
+	set_downtime_locked(m, *ret_pause_ns);
 	m->info.postcopy = true;
 	pthread_mutex_unlock(&m->lock);
 	set_state(m, MIG_POSTCOPY);
@@ -1770,10 +1776,8 @@ static void source_job(struct migration *m)
 	}
 	if (r == PROTO_DECIDED_RUN) {
 		pthread_mutex_lock(&m->lock);
-		if (!m->info.postcopy) {
-			m->info.downtime_us = (agent_mono_ns() - t_pause) / 1000ull;
-			m->info.downtime_ms = m->info.downtime_us / 1000;
-		}
+		if (!m->info.postcopy)
+			set_downtime_locked(m, t_pause);
 		m->info.error[0] = '\0';
 		/* The destination commits a verified migration only when the digests matched. */
 		m->info.verified = m->info.verify;

@@ -849,6 +849,7 @@ int postcopy_dst_discard(struct postcopy_dst *d, uint32_t slot, const uint64_t *
 		off_t data = lseek(s->memfd, (off_t)(p * PAGE), SEEK_DATA);
 		if (data < 0 && errno != ENXIO)
 			data = (off_t)(p * PAGE); /* cannot tell: punch the whole run */
+		data &= ~(off_t)(PAGE - 1); /* a page partly data is data */
 		if (data >= 0 && (uint64_t)data < q * PAGE &&
 		    fallocate(s->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, data,
 			      (off_t)(q * PAGE) - data) < 0)

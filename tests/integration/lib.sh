@@ -133,16 +133,5 @@ veth_hosts() {
     ip netns exec "$n2" tc qdisc add dev "$vb" root tbf rate "$rate" burst 256kb latency 50ms
 }
 
-# jq -e exits 0 when its input is empty (jq 1.6, Debian 12: no value, nothing tested), so a
-# check on a record file left empty would pass. With -e, no output fails (status 4, as jq
-# 1.7 does).
-jq() {
-	case " $* " in
-	*" -e "*)
-		_jq_out=$(command jq "$@") || return $?
-		[ -n "$_jq_out" ] || { echo "jq -e: no input value" >&2; return 4; }
-		printf '%s\n' "$_jq_out"
-		;;
-	*) command jq "$@" ;;
-	esac
-}
+# jq -e with no value fails (tests/util/jq-e.sh).
+. "$(dirname "${BASH_SOURCE[0]}")/../util/jq-e.sh"
