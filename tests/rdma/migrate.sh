@@ -13,6 +13,9 @@ fails=0
 
 move() { # from to transport
 	ctl "$1" --json migrate mc --to "$4:7000" --verify --transport "$3" --wait >"$work/rec.json"
+	# No record: the migration was refused; a guest that failed under nested KVM says why.
+	[ -s "$work/rec.json" ] ||
+		echo "# no migration record; mc on $1: $(ctl "$1" --json vm show mc | jq -c '{state,failure}')"
 	echo "# $(jq -c '{state,transport,transport_reason,bytes_sent,total_time_ms,downtime_ms,verified,error}' "$work/rec.json")"
 	if jq -e '.state == "completed" and .transport == "rdma" and .verified == true' "$work/rec.json" >/dev/null; then
 		ok "$1 -> $2 over rdma ($3), digests matched"
